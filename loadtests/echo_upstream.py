@@ -1,0 +1,128 @@
+"""A small render-service stand-in: echoes what it received, plus endpoints for tests and demos.
+
+One implementation serves ``make run``'s demo upstream, the e2e tests' stub and the benchmark's
+fast upstream. Run: ``python loadtests/echo_upstream.py --port 9001``.
+
+Endpoints (any prefix; matched on the last path segment):
+- ``.../stream?bytes=N``   streams N bytes in 64 KiB chunks (chunked, or ``&length=1`` for CL)
+- ``.../slow?seconds=S``   answers after S seconds
+- ``.../reset``            aborts the connection without answering
+- ``.../hop``              answers with hop-by-hop and Connection-named headers
+- ``.../ws``               WebSocket echo
+- ``/__count/<request-id>`` how many requests with that X-Request-Id arrived
+- anything else             JSON: method, path, query, headers (list of pairs), body size/sha256
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+from collections import Counter
+
+from aiohttp import WSMsgType, web
+
+CHUNK = b"x" * 65536
+SEEN = web.AppKey("seen", Counter[str])
+
+
+async def _echo(request: web.Request) -> web.StreamResponse:
+    digest = hashlib.sha256()
+    size = 0
+    async for chunk in request.content.iter_any():
+        digest.update(chunk)
+        size += len(chunk)
+    return web.json_response(
+        {
+            "method": request.method,
+            "path": request.raw_path.partition("?")[0],
+            "query": request.query_string,
+            "headers": [[k, v] for k, v in request.headers.items()],
+            "body_bytes": size,
+            "body_sha256": digest.hexdigest(),
+            "peer": request.remote,
+        }
+    )
+
+
+async def _stream(request: web.Request) -> web.StreamResponse:
+    total = int(request.query.get("bytes", "0"))
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    if request.query.get("length"):
+        response.content_length = total
+    await response.prepare(request)
+    left = total
+    while left > 0:
+        n = min(left, len(CHUNK))
+        await response.write(CHUNK[:n])
+        left -= n
+    await response.write_eof()
+    return response
+
+
+async def _ws(request: web.Request) -> web.StreamResponse:
+    ws = web.WebSocketResponse(protocols=("render.v1",))
+    await ws.prepare(request)
+    async for msg in ws:
+        if msg.type is WSMsgType.TEXT:
+            await ws.send_str(f"echo:{msg.data}")
+        elif msg.type is WSMsgType.BINARY:
+            await ws.send_bytes(msg.data)
+    return ws
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    rid = request.headers.get("X-Request-Id")
+    path = request.path
+    if path.startswith("/__count/"):
+        return web.json_response({"count": request.app[SEEN][path.rsplit("/", 1)[1]]})
+    if rid:
+        request.app[SEEN][rid] += 1
+    last = path.rsplit("/", 1)[-1]
+    if last == "stream":
+        return await _stream(request)
+    if last == "slow":
+        await asyncio.sleep(float(request.query.get("seconds", "5")))
+        return await _echo(request)
+    if last == "reset":
+        assert request.transport is not None
+        request.transport.abort()
+        return web.Response()
+    if last == "hop":
+        return web.Response(
+            text="hop",
+            headers={
+                "Connection": "X-Internal-Token, close",
+                "X-Internal-Token": "secret",
+                "Keep-Alive": "timeout=5",
+                "Proxy-Authenticate": "Basic",
+                "Trailer": "X-Checksum",
+                "X-FlatRender-Internal": "leak",
+                "Vary": "Accept-Encoding",
+                "X-Kept": "yes",
+            },
+        )
+    if last == "ws":
+        return await _ws(request)
+    return await _echo(request)
+
+
+def make_app() -> web.Application:
+    app = web.Application()
+    app[SEEN] = Counter()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9001)
+    args = parser.parse_args()
+    print(json.dumps({"echo_upstream": f"http://{args.host}:{args.port}"}), flush=True)
+    web.run_app(make_app(), host=args.host, port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()

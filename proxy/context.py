@@ -1,0 +1,33 @@
+"""Per-request state shared by the pipeline stages, stored on the request under ``CTX``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from proxy.core.apikeys import ApiKey
+    from proxy.core.tenancy import Tenant
+    from proxy.settings import RouteSettings
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    started: float  # loop.time() at arrival
+    client_ip: str = ""
+    forwarded_for: str = ""
+    host: str = ""
+    path: str = ""  # resolved path (CONTRACT §7), what routing and the upstream see
+    query: str = ""
+    route: RouteSettings | None = None
+    tenant: Tenant | None = None
+    via_platform: bool = False  # the Host was a platform domain itself (CONTRACT §5)
+    api_key: ApiKey | None = None
+    response_headers: dict[str, str] = field(default_factory=dict)
+    error_code: str | None = None
+
+
+CTX = web.RequestKey("flatrender_ctx", RequestContext)

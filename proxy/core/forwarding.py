@@ -1,0 +1,137 @@
+"""Header hygiene for forwarding: pure functions over (name, value) pairs.
+
+- Hop-by-hop headers are removed both ways (RFC 9110 §7.6.1): ``Connection``, every header it
+  names, and the fixed set below; ``Proxy-*`` headers are included (RFC 9110 §11.7 and the
+  de-facto ``Proxy-Connection``).
+- Headers the proxy sets itself are dropped from the inbound side first, so a client can never
+  spoof them: ``X-FlatRender-*`` (CONTRACT §7), the ``X-Forwarded-*`` trio and RFC 7239
+  ``Forwarded`` (rebuilt from what the proxy knows), ``X-Request-Id``.
+- The client address follows the "right-most untrusted" rule used by nginx's realip module and
+  Envoy's ``xff_num_trusted_hops``: only a trusted peer's ``X-Forwarded-For`` is believed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import uuid
+from collections.abc import Iterable, Sequence
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Header = tuple[str, str]
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+# Inbound headers replaced by the proxy's own values, or framing it recomputes. ``Host`` is the
+# upstream's (the client's host travels as X-Forwarded-Host); ``Content-Length`` is re-sent from
+# the parsed request; ``Expect`` was already answered by the proxy's own server.
+_REQUEST_DROP = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "expect",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-request-id",
+    "x-api-key",  # only ever carries a raw API key, which never goes upstream (CONTRACT §5)
+}
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
+
+SPOOF_PREFIX = "x-flatrender-"
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def connection_named(headers: Iterable[Header]) -> frozenset[str]:
+    """The header names listed in every ``Connection`` header, lower-cased."""
+    named: set[str] = set()
+    for name, value in headers:
+        if name.lower() == "connection":
+            named.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return frozenset(named)
+
+
+def _filter(headers: Sequence[Header], drop: frozenset[str]) -> list[Header]:
+    extra = connection_named(headers)
+    kept: list[Header] = []
+    for name, value in headers:
+        low = name.lower()
+        if low in drop or low in extra or low.startswith("proxy-") or low.startswith(SPOOF_PREFIX):
+            continue
+        kept.append((name, value))
+    return kept
+
+
+def request_headers_to_forward(headers: Sequence[Header]) -> list[Header]:
+    """Inbound headers minus hop-by-hop, spoofable and proxy-owned ones."""
+    return _filter(headers, _REQUEST_DROP)
+
+
+def response_headers_to_return(headers: Sequence[Header]) -> list[Header]:
+    """Upstream response headers minus hop-by-hop ones and framing the proxy recomputes.
+
+    ``X-FlatRender-*`` from upstream is dropped too: it is an internal namespace.
+    """
+    return _filter(headers, _RESPONSE_DROP)
+
+
+def is_trusted(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, trusted: Sequence[IPNetwork]) -> bool:
+    return any(ip in net for net in trusted)
+
+
+def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    text = text.strip()
+    if text.startswith("[") and "]" in text:  # "[2001:db8::1]:443" as some proxies write it
+        text = text[1 : text.index("]")]
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def client_address(
+    peer: str, forwarded_for: str | None, trusted: Sequence[IPNetwork]
+) -> tuple[str, str]:
+    """Decide the client address and the ``X-Forwarded-For`` to send upstream (CONTRACT §7).
+
+    From a trusted peer: walk ``X-Forwarded-For`` right to left, skipping trusted proxies; the
+    first untrusted entry is the client. An unparsable entry stops the walk (nothing left of it
+    can be believed) and the last believed hop is the client. The upstream gets the received
+    list with the peer appended. From any other peer the received list is discarded.
+    """
+    peer_ip = _parse_ip(peer)
+    if peer_ip is None or not forwarded_for or not is_trusted(peer_ip, trusted):
+        return peer, peer
+    client = str(peer_ip)
+    for entry in reversed(forwarded_for.split(",")):
+        ip = _parse_ip(entry)
+        if ip is None:
+            break
+        client = str(ip)
+        if not is_trusted(ip, trusted):
+            break
+    return client, f"{forwarded_for}, {peer}"
+
+
+def request_id(received: str | None) -> str:
+    """The client's ``X-Request-Id`` if it is a UUID (canonical lower-case), else a new one."""
+    if received is not None and len(received) == 36 and _UUID.fullmatch(received):
+        return received.lower()
+    return str(uuid.uuid4())
+
+
+# RFC 9110 §9.2.2: methods whose repetition has the same effect as one request.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})

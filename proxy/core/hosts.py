@@ -1,0 +1,73 @@
+"""Host header normalisation and classification (CONTRACT §3).
+
+Normalised form: port stripped, lower-case, one trailing dot removed (an FQDN's root label,
+RFC 1034 §3.1), internationalised names in their IDNA ASCII form (RFC 5891) so that a Unicode
+Host and its ``xn--`` spelling find the same tenant. IPv6 literals keep their brackets
+(RFC 3986 §3.2.2). Anything else that is not a valid DNS name is rejected: a Host is used as a
+cache key and database lookup, so garbage must stop here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+
+
+class BadHost(ValueError):
+    """The Host header is missing or not a valid host[:port]."""
+
+
+def normalize_host(raw: str) -> str:
+    raw = raw.strip()
+    if not raw:
+        raise BadHost("empty Host")
+    if raw.startswith("["):
+        end = raw.find("]")
+        rest = raw[end + 1 :] if end > 0 else "?"
+        if rest and not (rest[0] == ":" and rest[1:].isdigit()):
+            raise BadHost("malformed IPv6 literal")
+        try:
+            ip = ipaddress.IPv6Address(raw[1:end])
+        except ValueError:
+            raise BadHost("malformed IPv6 literal") from None
+        return f"[{ip.compressed}]"
+    host, sep, port = raw.rpartition(":")
+    if not sep:
+        host = raw
+    elif not port.isdigit():
+        raise BadHost("malformed port")
+    host = host.lower()
+    if host.endswith("."):
+        host = host[:-1]
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise BadHost("invalid internationalised name") from None
+    if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in host.split(".")):
+        raise BadHost("invalid host name")
+    return host
+
+
+@dataclass(frozen=True, slots=True)
+class HostMatch:
+    """Where a normalised host may point: a tenant slug, the platform apex, or neither."""
+
+    kind: Literal["slug", "platform", "other"]
+    slug: str = ""
+
+
+def classify_host(host: str, platform_domains: tuple[str, ...]) -> HostMatch:
+    """``<slug>.<platform domain>`` or a platform domain itself; one label only for slugs."""
+    for domain in platform_domains:
+        if host == domain:
+            return HostMatch("platform")
+        if host.endswith(domain) and host[-len(domain) - 1] == ".":
+            slug = host[: -len(domain) - 1]
+            if "." not in slug:
+                return HostMatch("slug", slug)
+    return HostMatch("other")

@@ -1,0 +1,108 @@
+"""The proxy's own errors: each one knows its HTTP status and contract code (CONTRACT §8).
+
+Stages raise these; the outermost stage (``pipeline.errors``) renders the JSON body. Third-party
+exceptions are mapped to these at the store or forwarding boundary, so no stage sees asyncpg,
+redis or aiohttp-client exceptions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class ProxyError(Exception):
+    """An error the proxy answers itself: ``status``, contract ``code`` and a human message."""
+
+    status: int = 500
+    code: str = "internal_error"
+    message: str = "internal error"
+
+    def __init__(self, message: str | None = None, *, headers: Mapping[str, str] | None = None):
+        super().__init__(message or self.message)
+        if message is not None:
+            self.message = message
+        self.headers: Mapping[str, str] = headers or {}
+
+
+class BadRequest(ProxyError):
+    status, code, message = 400, "bad_request", "malformed request"
+
+
+class NoRoute(ProxyError):
+    status, code, message = 404, "no_route", "no route matches this path"
+
+
+class UnknownHost(ProxyError):
+    status, code, message = 404, "unknown_host", "this host is not served here"
+
+
+class DomainNotVerified(ProxyError):
+    status, code, message = 421, "domain_not_verified", "the custom domain is not verified"
+
+
+class TrialExpired(ProxyError):
+    status, code, message = 402, "trial_expired", "the tenant's trial has ended"
+
+
+class TenantSuspended(ProxyError):
+    status, code, message = 403, "tenant_suspended", "the tenant is suspended"
+
+
+class TenantCancelled(ProxyError):
+    status, code, message = 410, "tenant_cancelled", "the tenant is cancelled"
+
+
+class MissingApiKey(ProxyError):
+    status, code, message = 401, "missing_api_key", "an API key is required"
+
+    def __init__(self) -> None:
+        # RFC 6750 §3: a 401 for a bearer-protected resource names the scheme.
+        super().__init__(headers={"WWW-Authenticate": "Bearer"})
+
+
+class InvalidApiKey(ProxyError):
+    status, code, message = 401, "invalid_api_key", "the API key is not valid"
+
+
+class ApiKeyExpired(ProxyError):
+    status, code, message = 401, "api_key_expired", "the API key has expired"
+
+
+class ApiKeyRevoked(ProxyError):
+    status, code, message = 401, "api_key_revoked", "the API key has been revoked"
+
+
+class TenantMismatch(ProxyError):
+    status, code, message = 403, "tenant_mismatch", "the API key belongs to another tenant"
+
+
+class IpNotAllowed(ProxyError):
+    status, code, message = 403, "ip_not_allowed", "the client address is not allowed for this key"
+
+
+class InsufficientScope(ProxyError):
+    status, code, message = 403, "insufficient_scope", "the API key lacks the required scope"
+
+
+class PayloadTooLarge(ProxyError):
+    status, code, message = 413, "payload_too_large", "request body exceeds the size limit"
+
+
+class HeadersTooLarge(ProxyError):
+    status, code, message = 431, "headers_too_large", "request head exceeds the size limit"
+
+
+class UpstreamUnavailable(ProxyError):
+    status, code, message = 502, "upstream_unavailable", "the upstream service is unreachable"
+
+
+class UpstreamTimeout(ProxyError):
+    status, code, message = 504, "upstream_timeout", "the upstream service did not answer in time"
+
+
+class TenantStoreUnavailable(ProxyError):
+    status, code, message = 503, "tenant_store_unavailable", "tenant store unavailable"
+
+
+class InternalError(ProxyError):
+    """An unexpected exception; the message never carries its details to the client."""

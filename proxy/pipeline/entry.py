@@ -1,0 +1,82 @@
+"""Outermost stage: request id, client address, and rendering of every proxy-made error.
+
+Errors become the contract's JSON body (CONTRACT §8) here and nowhere else; stages only raise.
+``stamp_response`` runs for every response the app sends (proxy-made or streamed from the
+upstream) and adds the headers stages collected in the context, ``X-Request-Id`` first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from proxy.context import CTX, RequestContext
+from proxy.core.forwarding import IPNetwork, client_address, request_id
+from proxy.errors import BadRequest, InternalError, PayloadTooLarge, ProxyError
+
+log = logging.getLogger("proxy.entry")
+
+
+def error_response(error: ProxyError, rid: str) -> web.Response:
+    body = orjson.dumps(
+        {"error": {"code": error.code, "message": error.message, "request_id": rid}}
+    )
+    return web.Response(
+        status=error.status, body=body, content_type="application/json", headers=error.headers
+    )
+
+
+def _from_aiohttp(exc: web.HTTPException) -> ProxyError:
+    """aiohttp's own refusals (e.g. a body over ``client_max_size``) as contract errors."""
+    if exc.status == 413:
+        return PayloadTooLarge()
+    if 400 <= exc.status < 500:
+        return BadRequest(exc.reason)
+    return InternalError()
+
+
+def entry_stage(trusted_proxies: Sequence[IPNetwork]) -> Middleware:
+    trusted = tuple(trusted_proxies)
+
+    @web.middleware
+    async def entry(request: web.Request, handler: Handler) -> web.StreamResponse:
+        headers = request.headers
+        xff = headers.getall("X-Forwarded-For", None)
+        ctx = RequestContext(
+            request_id=request_id(headers.get("X-Request-Id")),
+            started=asyncio.get_running_loop().time(),
+        )
+        ctx.client_ip, ctx.forwarded_for = client_address(
+            request.remote or "", ", ".join(xff) if xff else None, trusted
+        )
+        request[CTX] = ctx
+        try:
+            return await handler(request)
+        except ProxyError as e:
+            error = e
+        except web.HTTPException as e:
+            error = _from_aiohttp(e)
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            log.exception("unhandled error request_id=%s", ctx.request_id)
+            error = InternalError()
+        ctx.error_code = error.code
+        return error_response(error, ctx.request_id)
+
+    return entry
+
+
+async def stamp_response(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """``on_response_prepare`` hook: headers every answer carries, whoever produced it."""
+    ctx: RequestContext | None = request.get(CTX)  # type: ignore[call-overload]
+    if ctx is None:
+        return
+    response.headers["X-Request-Id"] = ctx.request_id
+    if ctx.response_headers:
+        response.headers.update(ctx.response_headers)

@@ -1,0 +1,178 @@
+"""The last stage: send the request to its upstream and stream the answer back (CONTRACT §7).
+
+Bodies stream both ways in the chunks they arrive in; nothing is buffered whole. Retries follow
+RFC 9110 §9.2.2: a request that never reached an upstream (connection refused, connect timeout)
+moves on to the next URL whatever its method; one that may have reached it (reset, disconnect)
+is retried only when its method is idempotent and its body was not consumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.context import CTX, RequestContext
+from proxy.core.apikeys import bearer_key
+from proxy.core.forwarding import (
+    IDEMPOTENT_METHODS,
+    request_headers_to_forward,
+    response_headers_to_return,
+)
+from proxy.errors import PayloadTooLarge, ProxyError, UpstreamTimeout, UpstreamUnavailable
+from proxy.pipeline.websocket import is_websocket_upgrade, relay_websocket
+from proxy.upstreams import UpstreamPool
+
+log = logging.getLogger("proxy.forward")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _RequestBody:
+    """The client's body as an async iterable for aiohttp's client, counting what it passed on.
+
+    ``max_body_bytes`` is checked against ``Content-Length`` before any upstream is contacted;
+    a chunked body has no declared size, so it is counted here and the upload is aborted at the
+    limit: the upstream then sees a truncated chunked body, never a complete request.
+    """
+
+    __slots__ = ("_content", "_limit", "sent", "too_large")
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+        self._content = content
+        self._limit = limit
+        self.sent = 0
+        self.too_large = False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in self._content.iter_any():
+            self.sent += len(chunk)
+            if self.sent > self._limit:
+                self.too_large = True
+                raise _BodyTooLarge
+            yield chunk
+
+
+def upstream_headers(request: web.Request, ctx: RequestContext) -> CIMultiDict[str]:
+    headers = CIMultiDict(request_headers_to_forward(list(request.headers.items())))
+    if bearer_key(headers.get("Authorization")) is not None:
+        del headers["Authorization"]  # a raw key never goes upstream; other tokens do
+    if request.content_length is not None:
+        headers["Content-Length"] = str(request.content_length)
+    headers["X-Forwarded-For"] = ctx.forwarded_for
+    headers["X-Forwarded-Proto"] = request.scheme
+    headers["X-Forwarded-Host"] = ctx.host
+    headers["X-Request-Id"] = ctx.request_id
+    if ctx.tenant is not None:
+        headers["X-FlatRender-Tenant-Id"] = ctx.tenant.id
+        headers["X-FlatRender-Tenant-Slug"] = ctx.tenant.slug
+    key = ctx.api_key
+    if key is not None:
+        headers["X-FlatRender-Api-Key-Id"] = key.id
+        headers["X-FlatRender-Key-Environment"] = key.environment
+        headers["X-FlatRender-Scopes"] = ",".join(key.scopes)
+    return headers
+
+
+class Forwarder:
+    """The request handler at the end of the pipeline; the only code that talks to upstreams."""
+
+    def __init__(self, pools: Mapping[str, UpstreamPool], max_body_bytes: int) -> None:
+        self._pools = pools
+        self._max_body = max_body_bytes
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        ctx = request[CTX]
+        assert ctx.route is not None  # the route stage ran
+        pool = self._pools[ctx.route.upstream]
+        length = request.content_length
+        if length is not None and length > self._max_body:
+            raise PayloadTooLarge()
+        headers = upstream_headers(request, ctx)
+        target = f"{ctx.path}?{ctx.query}" if ctx.query else ctx.path
+        if is_websocket_upgrade(request):
+            return await relay_websocket(request, pool, target, headers)
+        body = _RequestBody(request.content, self._max_body) if request.body_exists else None
+        upstream = await self._send(request.method, pool, target, headers, body)
+        return await self._relay(request, upstream)
+
+    async def _send(
+        self,
+        method: str,
+        pool: UpstreamPool,
+        target: str,
+        headers: CIMultiDict[str],
+        body: _RequestBody | None,
+    ) -> aiohttp.ClientResponse:
+        urls = pool.rotation()
+        if len(urls) == 1:
+            # A pooled keep-alive connection the upstream has just closed fails on first use;
+            # one more try (idempotent methods only, below) is what makes keep-alive safe.
+            urls = urls * 2
+        error: ProxyError = UpstreamUnavailable()
+        for base in urls:
+            try:
+                return await pool.session.request(
+                    method,
+                    base + target,
+                    headers=headers,
+                    data=body,
+                    allow_redirects=False,
+                    compress=None,
+                )
+            except aiohttp.ClientConnectorError:
+                error = UpstreamUnavailable()  # refused or unreachable: it never got the request
+                continue
+            except aiohttp.ConnectionTimeoutError:
+                error = UpstreamTimeout()  # connect phase: it never got the request either
+                continue
+            except (aiohttp.SocketTimeoutError, asyncio.TimeoutError):
+                raise UpstreamTimeout() from None
+            except (aiohttp.ClientError, _BodyTooLarge) as e:
+                if body is not None and body.too_large:
+                    raise PayloadTooLarge() from None
+                if method in IDEMPOTENT_METHODS and (body is None or body.sent == 0):
+                    log.info("retrying %s on %s after %s", method, pool.name, type(e).__name__)
+                    error = UpstreamUnavailable()
+                    continue
+                raise UpstreamUnavailable() from None
+        raise error
+
+    async def _relay(
+        self, request: web.Request, upstream: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        for name, value in response_headers_to_return(list(upstream.headers.items())):
+            response.headers.add(name, value)
+        if upstream.content_length is not None:
+            response.content_length = upstream.content_length
+        try:
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+        except ConnectionResetError:
+            upstream.close()  # the client went away: do not drain a multi-GB body into nothing
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            # The upstream failed after the head was sent: the only honest signal left is to
+            # cut the client's connection, so a truncated body can never pass for a whole one.
+            log.warning("upstream body failed mid-stream: %s", type(e).__name__)
+            upstream.close()
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        except BaseException:
+            upstream.close()
+            raise
+        upstream.release()
+        await response.write_eof()
+        return response

@@ -1,0 +1,50 @@
+"""Tenant stage: Host → tenant, then the tenant's status (CONTRACT §3)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from proxy.context import CTX
+from proxy.core.hosts import classify_host
+from proxy.core.tenancy import DEFAULT_TENANT_ID, Tenant, check_status
+from proxy.errors import DomainNotVerified, UnknownHost
+from proxy.stores.base import TenantStore
+
+
+async def resolve_tenant(
+    store: TenantStore, host: str, platform_domains: tuple[str, ...]
+) -> tuple[Tenant, bool]:
+    """The contract's order: verified custom domain, then ``<slug>.<platform>``, then apex.
+
+    Returns the tenant and whether the host was a platform domain itself.
+    """
+    tenant = await store.by_custom_domain(host)
+    if tenant is not None:
+        if not tenant.domain_verified:
+            raise DomainNotVerified()
+        return tenant, False
+    match = classify_host(host, platform_domains)
+    if match.kind == "slug":
+        tenant = await store.by_slug(match.slug)
+    elif match.kind == "platform":
+        tenant = await store.by_id(DEFAULT_TENANT_ID)
+    if tenant is None:
+        raise UnknownHost()
+    return tenant, match.kind == "platform"
+
+
+def tenant_stage(
+    store: TenantStore, platform_domains: tuple[str, ...], clock: Callable[[], datetime]
+) -> Middleware:
+    @web.middleware
+    async def tenant(request: web.Request, handler: Handler) -> web.StreamResponse:
+        ctx = request[CTX]
+        ctx.tenant, ctx.via_platform = await resolve_tenant(store, ctx.host, platform_domains)
+        check_status(ctx.tenant, clock())
+        return await handler(request)
+
+    return tenant

@@ -1,0 +1,400 @@
+"""Settings from the environment and the TOML file (CONTRACT §2), validated once at start-up.
+
+Every problem is a ``ConfigError`` whose message names the offending key, so the CLI can print
+one line and exit non-zero. Unknown keys are errors too: a typo such as ``read_timout_s`` must
+not silently fall back to a default (Envoy rejects unknown fields for the same reason).
+This is the only module that reads the environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+AuthMode = Literal["api_key", "optional", "none"]
+_T = TypeVar("_T")
+
+DEFAULT_CONFIG = "config/edge.toml"
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message is one line that names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    listen: HostPort = HostPort("0.0.0.0", 8080)
+    admin_listen: HostPort = HostPort("127.0.0.1", 9901)
+    trusted_proxies: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.1/32"),)
+    max_body_bytes: int = 104_857_600
+    header_timeout_s: float = 10.0
+    # aiohttp's defaults (8190 bytes per line and per field); beyond them the answer is 431.
+    max_line_size: int = 8190
+    max_field_size: int = 8190
+    keepalive_timeout_s: float = 75.0
+    shutdown_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class TenancySettings:
+    platform_domains: tuple[str, ...] = ("flatrender.test",)
+    cache_ttl_s: float = 30.0
+    # Embedded mode only (no DATABASE_URL): tenants and API keys come from this file.
+    embedded_file: Path = Path("config/tenants.toml")
+
+
+@dataclass(frozen=True, slots=True)
+class RatelimitSettings:
+    failure_mode: Literal["open", "closed"] = "open"
+    shadow: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSettings:
+    flush_interval_ms: int = 500
+    spool_dir: Path = Path("var/spool")
+    # Embedded mode only: audit rows go to this JSON-lines file.
+    jsonl_path: Path = Path("var/audit.jsonl")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    name: str
+    urls: tuple[str, ...]
+    connect_timeout_s: float = 2.0
+    read_timeout_s: float = 60.0
+    max_connections: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSettings:
+    prefix: str
+    upstream: str
+    auth: AuthMode = "api_key"
+    scopes: Mapping[str, str] = field(default_factory=dict)
+    audit: bool = False
+    embed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings
+    tenancy: TenancySettings
+    ratelimit: RatelimitSettings
+    audit: AuditSettings
+    upstreams: Mapping[str, UpstreamSettings]
+    routes: tuple[RouteSettings, ...]
+    config_path: Path
+    database_url: str | None = None
+    redis_url: str | None = None
+    redis_mode: Literal["standalone", "cluster", "sentinel"] = "standalone"
+    redis_sentinel_service: str | None = None
+
+
+# --------------------------------------------------------------------------- field readers
+
+
+class _Table:
+    """One TOML table being read: typed getters that name the full key in errors."""
+
+    def __init__(self, data: Any, where: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a table")
+        self._data: dict[str, Any] = data
+        self._where = where
+        self._seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self._where}.{name}" if self._where else name
+
+    def _get(self, name: str, default: _T, check: Callable[[Any], bool], what: str) -> Any:
+        self._seen.add(name)
+        if name not in self._data:
+            return default
+        value = self._data[name]
+        if not check(value):
+            raise ConfigError(f"{self.key(name)}: expected {what}, got {value!r}")
+        return value
+
+    def str(self, name: str, default: str) -> str:
+        value: str = self._get(name, default, lambda v: isinstance(v, str) and v != "", "a string")
+        return value
+
+    def bool(self, name: str, default: bool) -> bool:
+        value: bool = self._get(name, default, lambda v: isinstance(v, bool), "true or false")
+        return value
+
+    def positive(self, name: str, default: float) -> float:
+        value = self._get(
+            name,
+            default,
+            lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0,
+            "a positive number",
+        )
+        return float(value)
+
+    def positive_int(self, name: str, default: int) -> int:
+        value: int = self._get(
+            name,
+            default,
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+            "a positive integer",
+        )
+        return value
+
+    def str_list(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self._get(
+            name,
+            default,
+            lambda v: isinstance(v, list) and all(isinstance(i, str) and i for i in v),
+            "a list of strings",
+        )
+        return tuple(value)
+
+    def table(self, name: str) -> _Table:
+        self._seen.add(name)
+        return _Table(self._data.get(name, {}), self.key(name))
+
+    def names(self) -> list[str]:
+        return list(self._data)
+
+    def mark_seen(self, name: str) -> None:
+        self._seen.add(name)
+
+    def finish(self) -> None:
+        unknown = sorted(set(self._data) - self._seen)
+        if unknown:
+            raise ConfigError(f"{self.key(unknown[0])}: unknown key")
+
+
+def parse_host_port(value: str, key: str) -> HostPort:
+    host, sep, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: expected HOST:PORT, got {value!r}")
+    return HostPort(host, int(port))
+
+
+def _parse_cidr(value: str, key: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ConfigError(f"{key}: not a CIDR: {value!r}") from None
+
+
+def _check_http_url(value: str, key: str) -> str:
+    parts = urlsplit(value)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
+        raise ConfigError(f"{key}: not an http(s) URL: {value!r}")
+    if parts.query or parts.fragment or parts.path not in ("", "/"):
+        # The upstream receives the path as routed (CONTRACT §7): a base path would rewrite it.
+        raise ConfigError(f"{key}: an upstream URL is scheme://host:port only, got {value!r}")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _check_redis_url(value: str, key: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+        raise ConfigError(f"{key}: not a redis:// or rediss:// URL")
+    return value
+
+
+def _check_database_url(value: str, key: str) -> str:
+    if urlsplit(value).scheme not in ("postgres", "postgresql"):
+        raise ConfigError(f"{key}: not a postgresql:// URL")
+    return value
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _server(t: _Table) -> ServerSettings:
+    d = ServerSettings()
+    trusted = tuple(
+        _parse_cidr(c, t.key("trusted_proxies"))
+        for c in t.str_list("trusted_proxies", tuple(str(n) for n in d.trusted_proxies))
+    )
+    s = ServerSettings(
+        listen=parse_host_port(t.str("listen", str(d.listen)), t.key("listen")),
+        admin_listen=parse_host_port(
+            t.str("admin_listen", str(d.admin_listen)), t.key("admin_listen")
+        ),
+        trusted_proxies=trusted,
+        max_body_bytes=t.positive_int("max_body_bytes", d.max_body_bytes),
+        header_timeout_s=t.positive("header_timeout_s", d.header_timeout_s),
+        max_line_size=t.positive_int("max_line_size", d.max_line_size),
+        max_field_size=t.positive_int("max_field_size", d.max_field_size),
+        keepalive_timeout_s=t.positive("keepalive_timeout_s", d.keepalive_timeout_s),
+        shutdown_timeout_s=t.positive("shutdown_timeout_s", d.shutdown_timeout_s),
+    )
+    t.finish()
+    return s
+
+
+def _tenancy(t: _Table, base: Path) -> TenancySettings:
+    d = TenancySettings()
+    domains = tuple(
+        dom.lower().rstrip(".") for dom in t.str_list("platform_domains", d.platform_domains)
+    )
+    s = TenancySettings(
+        platform_domains=domains,
+        cache_ttl_s=t.positive("cache_ttl_s", d.cache_ttl_s),
+        embedded_file=base / t.str("embedded_file", str(d.embedded_file)),
+    )
+    t.finish()
+    return s
+
+
+def _ratelimit(t: _Table) -> RatelimitSettings:
+    mode = t.str("failure_mode", "open")
+    if mode not in ("open", "closed"):
+        raise ConfigError(f"{t.key('failure_mode')}: expected \"open\" or \"closed\", got {mode!r}")
+    s = RatelimitSettings(failure_mode=mode, shadow=t.bool("shadow", False))  # type: ignore[arg-type]
+    t.finish()
+    return s
+
+
+def _audit(t: _Table, base: Path) -> AuditSettings:
+    d = AuditSettings()
+    s = AuditSettings(
+        flush_interval_ms=t.positive_int("flush_interval_ms", d.flush_interval_ms),
+        spool_dir=base / t.str("spool_dir", str(d.spool_dir)),
+        jsonl_path=base / t.str("jsonl_path", str(d.jsonl_path)),
+    )
+    t.finish()
+    return s
+
+
+def _upstream(name: str, t: _Table) -> UpstreamSettings:
+    urls = t.str_list("urls", ())
+    if not urls:
+        raise ConfigError(f"{t.key('urls')}: at least one URL is required")
+    d = UpstreamSettings(name, ())
+    s = UpstreamSettings(
+        name=name,
+        urls=tuple(_check_http_url(u, t.key("urls")) for u in urls),
+        connect_timeout_s=t.positive("connect_timeout_s", d.connect_timeout_s),
+        read_timeout_s=t.positive("read_timeout_s", d.read_timeout_s),
+        max_connections=t.positive_int("max_connections", d.max_connections),
+    )
+    t.finish()
+    return s
+
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def _route(t: _Table, upstreams: Mapping[str, UpstreamSettings]) -> RouteSettings:
+    prefix = t.str("prefix", "")
+    if not prefix.startswith("/"):
+        raise ConfigError(f"{t.key('prefix')}: must start with '/', got {prefix!r}")
+    upstream = t.str("upstream", "")
+    if upstream not in upstreams:
+        raise ConfigError(f"{t.key('upstream')}: unknown upstream {upstream!r}")
+    auth = t.str("auth", "api_key")
+    if auth not in ("api_key", "optional", "none"):
+        raise ConfigError(f"{t.key('auth')}: expected api_key, optional or none, got {auth!r}")
+    scopes_table = t.table("scopes")
+    scopes: dict[str, str] = {}
+    for method in scopes_table.names():
+        if method not in _METHODS:
+            raise ConfigError(f"{scopes_table.key(method)}: not an HTTP method")
+        scopes[method] = scopes_table.str(method, "")
+    scopes_table.finish()
+    s = RouteSettings(
+        prefix=prefix,
+        upstream=upstream,
+        auth=auth,  # type: ignore[arg-type]
+        scopes=scopes,
+        audit=t.bool("audit", False),
+        embed=t.bool("embed", False),
+    )
+    t.finish()
+    return s
+
+
+def parse_settings(data: Mapping[str, Any], env: Mapping[str, str], config_path: Path) -> Settings:
+    """Build ``Settings`` from parsed TOML ``data`` and ``env`` (which wins over the file)."""
+    root = _Table(dict(data), "")
+    # Relative paths in the file are relative to the working directory the proxy runs in,
+    # like nginx's prefix: the file is usually config/edge.toml in the project checkout.
+    base = Path()
+    server = _server(root.table("server"))
+    tenancy = _tenancy(root.table("tenancy"), base)
+    ratelimit = _ratelimit(root.table("ratelimit"))
+    audit = _audit(root.table("audit"), base)
+
+    up_root = root.table("upstreams")
+    upstreams = {name: _upstream(name, up_root.table(name)) for name in up_root.names()}
+    up_root.finish()
+
+    root.mark_seen("routes")
+    raw_routes = data.get("routes", [])
+    if not isinstance(raw_routes, list):
+        raise ConfigError("routes: expected an array of tables ([[routes]])")
+    routes = tuple(_route(_Table(r, f"routes[{i}]"), upstreams) for i, r in enumerate(raw_routes))
+    seen: set[str] = set()
+    for i, r in enumerate(routes):
+        if r.prefix in seen:
+            raise ConfigError(f"routes[{i}].prefix: duplicate prefix {r.prefix!r}")
+        seen.add(r.prefix)
+    root.finish()
+
+    redis_mode = env.get("REDIS_MODE", "standalone")
+    if redis_mode not in ("standalone", "cluster", "sentinel"):
+        raise ConfigError(f"REDIS_MODE: expected standalone, cluster or sentinel, got {redis_mode!r}")
+    sentinel_service = env.get("REDIS_SENTINEL_SERVICE") or None
+    if redis_mode == "sentinel" and not sentinel_service:
+        raise ConfigError("REDIS_SENTINEL_SERVICE: required when REDIS_MODE=sentinel")
+    database_url = env.get("DATABASE_URL") or None
+    redis_url = env.get("REDIS_URL") or None
+    return Settings(
+        server=server,
+        tenancy=tenancy,
+        ratelimit=ratelimit,
+        audit=audit,
+        upstreams=upstreams,
+        routes=routes,
+        config_path=config_path,
+        database_url=database_url and _check_database_url(database_url, "DATABASE_URL"),
+        redis_url=redis_url and _check_redis_url(redis_url, "REDIS_URL"),
+        redis_mode=redis_mode,  # type: ignore[arg-type]
+        redis_sentinel_service=sentinel_service,
+    )
+
+
+def load_settings(env: Mapping[str, str], config: str | None = None) -> Settings:
+    """Read the TOML file (``--config``, else ``EDGE_CONFIG``, else the default) and ``env``."""
+    path = Path(config or env.get("EDGE_CONFIG") or DEFAULT_CONFIG)
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    try:
+        return parse_settings(data, env, path)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

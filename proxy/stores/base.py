@@ -1,0 +1,28 @@
+"""The narrow interfaces stages use to reach data; one Protocol per store (DESIGN).
+
+Implementations map their own exceptions to ``proxy.errors`` at this boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from proxy.core.apikeys import ApiKey
+from proxy.core.tenancy import Tenant
+
+
+class TenantStore(Protocol):
+    async def by_custom_domain(self, host: str) -> Tenant | None:
+        """The live (not deleted) tenant whose ``custom_domain`` is ``host``, verified or not."""
+
+    async def by_slug(self, slug: str) -> Tenant | None:
+        """The live tenant with this slug."""
+
+    async def by_id(self, tenant_id: str) -> Tenant | None:
+        """The live tenant with this id."""
+
+
+class KeyStore(Protocol):
+    async def by_prefix(self, prefix: str) -> Sequence[ApiKey]:
+        """Every key row whose ``key_prefix`` is ``prefix`` (active or not: the stage decides)."""
