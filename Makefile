@@ -1,0 +1,35 @@
+# FlatRender Edge — the two commands a newcomer needs: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: run test lint venv clean
+
+# The venv is (re)built when pyproject.toml changes; a fresh clone needs nothing else.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# The proxy on the embedded default (no Postgres, no Redis) in front of the demo upstream.
+run: venv
+	@$(BIN)/python loadtests/echo_upstream.py --port 9001 & up=$$!; \
+	trap 'kill $$up 2>/dev/null' EXIT INT TERM; \
+	$(BIN)/python -m proxy serve
+
+# Installs the postgres and redis-server binaries if missing; the tests start their own servers.
+test: venv
+	bash scripts/ensure-test-servers.sh
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: venv
+	$(BIN)/ruff check proxy tests loadtests
+	$(BIN)/ruff format --check proxy tests loadtests
+	$(BIN)/mypy --strict proxy
+
+clean:
+	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

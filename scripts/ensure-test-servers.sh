@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Make sure the binaries tests/servers.py starts are installed: redis-server and PostgreSQL's
+# initdb/postgres. Quick no-op when they are. Installs with apt-get only as root; never enables
+# or starts a system service (the tests run their own throwaway servers on random ports).
+set -euo pipefail
+
+have_redis() { command -v redis-server >/dev/null 2>&1; }
+have_initdb() {
+    command -v initdb >/dev/null 2>&1 && return 0
+    local f
+    for f in /usr/lib/postgresql/*/bin/initdb; do
+        [ -x "$f" ] && return 0
+    done
+    return 1
+}
+
+missing=()
+have_initdb || missing+=(postgresql)
+have_redis || missing+=(redis-server)
+if [ "${#missing[@]}" -eq 0 ]; then
+    exit 0
+fi
+
+if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "ensure-test-servers: missing ${missing[*]}; install them, e.g.:" >&2
+    echo "  sudo apt-get install -y ${missing[*]}" >&2
+    echo "(tests need redis-server on PATH and initdb/postgres in PATH or /usr/lib/postgresql/*/bin)" >&2
+    exit 1
+fi
+
+# Debian's maintainer scripts ask invoke-rc.d, which asks policy-rc.d: exit 101 means "do not
+# start services", so installing creates no running cluster or redis. Only a policy-rc.d we
+# created ourselves is removed again.
+policy=/usr/sbin/policy-rc.d
+created_policy=0
+if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod 0755 "$policy"
+    created_policy=1
+fi
+cleanup() {
+    if [ "$created_policy" -eq 1 ]; then
+        rm -f "$policy"
+    fi
+}
+trap cleanup EXIT
+
+echo "ensure-test-servers: installing ${missing[*]}" >&2
+apt-get update -qq
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+
+if ! have_initdb || ! have_redis; then
+    echo "ensure-test-servers: installed ${missing[*]} but initdb or redis-server is still missing" >&2
+    exit 1
+fi
+echo "ensure-test-servers: ok" >&2

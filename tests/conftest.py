@@ -1,0 +1,59 @@
+"""Session-wide throwaway servers (see tests/servers.py); nothing else belongs in this file.
+
+The servers start lazily, the first time a test asks for them, and once per session: tests that
+need neither never pay for an initdb. A test that stops or kills a server starts it again before
+it ends (in a ``finally``), because the next test gets the same server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import pytest_asyncio
+
+from proxy.migrate import apply_migrations
+
+try:  # tests/ is a package, so pytest put the rootdir on sys.path...
+    from tests.servers import PostgresServer, RedisServer
+except ModuleNotFoundError:  # ...or it is not, and pytest put tests/ itself there
+    from servers import PostgresServer, RedisServer  # type: ignore[no-redef,import-not-found]
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A throwaway Postgres for the whole session: ``.dsn``, ``.create_database()``, stop/start."""
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A throwaway Redis for the whole session: ``.url``, stop/start/kill/pause."""
+    server = RedisServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest_asyncio.fixture
+async def migrated_dsn(postgres_server: PostgresServer) -> AsyncIterator[str]:
+    """DSN of a fresh database with every migration of sql/ applied; dropped afterwards."""
+    name = f"edge_test_{os.getpid()}_{uuid.uuid4().hex[:12]}"
+    await postgres_server.astart()  # no-op when running; heals after a test that left it down
+    dsn = await asyncio.to_thread(postgres_server.create_database, name)
+    try:
+        await apply_migrations(dsn)
+        yield dsn
+    finally:
+        await postgres_server.astart()
+        await asyncio.to_thread(postgres_server.drop_database, name)
