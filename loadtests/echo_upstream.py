@@ -37,7 +37,7 @@ async def _echo(request: web.Request) -> web.StreamResponse:
         {
             "method": request.method,
             "path": request.raw_path.partition("?")[0],
-            "query": request.query_string,
+            "query": request.raw_path.partition("?")[2],
             "headers": [[k, v] for k, v in request.headers.items()],
             "body_bytes": size,
             "body_sha256": digest.hexdigest(),

@@ -131,11 +131,11 @@ class _Table:
             raise ConfigError(f"{self.key(name)}: expected {what}, got {value!r}")
         return value
 
-    def str(self, name: str, default: str) -> str:
+    def text(self, name: str, default: str) -> str:
         value: str = self._get(name, default, lambda v: isinstance(v, str) and v != "", "a string")
         return value
 
-    def bool(self, name: str, default: bool) -> bool:
+    def flag(self, name: str, default: bool) -> bool:
         value: bool = self._get(name, default, lambda v: isinstance(v, bool), "true or false")
         return value
 
@@ -234,9 +234,9 @@ def _server(t: _Table) -> ServerSettings:
         for c in t.str_list("trusted_proxies", tuple(str(n) for n in d.trusted_proxies))
     )
     s = ServerSettings(
-        listen=parse_host_port(t.str("listen", str(d.listen)), t.key("listen")),
+        listen=parse_host_port(t.text("listen", str(d.listen)), t.key("listen")),
         admin_listen=parse_host_port(
-            t.str("admin_listen", str(d.admin_listen)), t.key("admin_listen")
+            t.text("admin_listen", str(d.admin_listen)), t.key("admin_listen")
         ),
         trusted_proxies=trusted,
         max_body_bytes=t.positive_int("max_body_bytes", d.max_body_bytes),
@@ -258,17 +258,17 @@ def _tenancy(t: _Table, base: Path) -> TenancySettings:
     s = TenancySettings(
         platform_domains=domains,
         cache_ttl_s=t.positive("cache_ttl_s", d.cache_ttl_s),
-        embedded_file=base / t.str("embedded_file", str(d.embedded_file)),
+        embedded_file=base / t.text("embedded_file", str(d.embedded_file)),
     )
     t.finish()
     return s
 
 
 def _ratelimit(t: _Table) -> RatelimitSettings:
-    mode = t.str("failure_mode", "open")
+    mode = t.text("failure_mode", "open")
     if mode not in ("open", "closed"):
-        raise ConfigError(f"{t.key('failure_mode')}: expected \"open\" or \"closed\", got {mode!r}")
-    s = RatelimitSettings(failure_mode=mode, shadow=t.bool("shadow", False))  # type: ignore[arg-type]
+        raise ConfigError(f'{t.key("failure_mode")}: expected "open" or "closed", got {mode!r}')
+    s = RatelimitSettings(failure_mode=mode, shadow=t.flag("shadow", False))  # type: ignore[arg-type]
     t.finish()
     return s
 
@@ -277,8 +277,8 @@ def _audit(t: _Table, base: Path) -> AuditSettings:
     d = AuditSettings()
     s = AuditSettings(
         flush_interval_ms=t.positive_int("flush_interval_ms", d.flush_interval_ms),
-        spool_dir=base / t.str("spool_dir", str(d.spool_dir)),
-        jsonl_path=base / t.str("jsonl_path", str(d.jsonl_path)),
+        spool_dir=base / t.text("spool_dir", str(d.spool_dir)),
+        jsonl_path=base / t.text("jsonl_path", str(d.jsonl_path)),
     )
     t.finish()
     return s
@@ -304,13 +304,13 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 
 def _route(t: _Table, upstreams: Mapping[str, UpstreamSettings]) -> RouteSettings:
-    prefix = t.str("prefix", "")
+    prefix = t.text("prefix", "")
     if not prefix.startswith("/"):
         raise ConfigError(f"{t.key('prefix')}: must start with '/', got {prefix!r}")
-    upstream = t.str("upstream", "")
+    upstream = t.text("upstream", "")
     if upstream not in upstreams:
         raise ConfigError(f"{t.key('upstream')}: unknown upstream {upstream!r}")
-    auth = t.str("auth", "api_key")
+    auth = t.text("auth", "api_key")
     if auth not in ("api_key", "optional", "none"):
         raise ConfigError(f"{t.key('auth')}: expected api_key, optional or none, got {auth!r}")
     scopes_table = t.table("scopes")
@@ -318,15 +318,15 @@ def _route(t: _Table, upstreams: Mapping[str, UpstreamSettings]) -> RouteSetting
     for method in scopes_table.names():
         if method not in _METHODS:
             raise ConfigError(f"{scopes_table.key(method)}: not an HTTP method")
-        scopes[method] = scopes_table.str(method, "")
+        scopes[method] = scopes_table.text(method, "")
     scopes_table.finish()
     s = RouteSettings(
         prefix=prefix,
         upstream=upstream,
         auth=auth,  # type: ignore[arg-type]
         scopes=scopes,
-        audit=t.bool("audit", False),
-        embed=t.bool("embed", False),
+        audit=t.flag("audit", False),
+        embed=t.flag("embed", False),
     )
     t.finish()
     return s
@@ -361,7 +361,9 @@ def parse_settings(data: Mapping[str, Any], env: Mapping[str, str], config_path:
 
     redis_mode = env.get("REDIS_MODE", "standalone")
     if redis_mode not in ("standalone", "cluster", "sentinel"):
-        raise ConfigError(f"REDIS_MODE: expected standalone, cluster or sentinel, got {redis_mode!r}")
+        raise ConfigError(
+            f"REDIS_MODE: expected standalone, cluster or sentinel, got {redis_mode!r}"
+        )
     sentinel_service = env.get("REDIS_SENTINEL_SERVICE") or None
     if redis_mode == "sentinel" and not sentinel_service:
         raise ConfigError("REDIS_SENTINEL_SERVICE: required when REDIS_MODE=sentinel")

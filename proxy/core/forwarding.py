@@ -85,7 +85,9 @@ def response_headers_to_return(headers: Sequence[Header]) -> list[Header]:
     return _filter(headers, _RESPONSE_DROP)
 
 
-def is_trusted(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, trusted: Sequence[IPNetwork]) -> bool:
+def is_trusted(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address, trusted: Sequence[IPNetwork]
+) -> bool:
     return any(ip in net for net in trusted)
 
 
@@ -133,5 +135,3 @@ def request_id(received: str | None) -> str:
     return str(uuid.uuid4())
 
 
-# RFC 9110 §9.2.2: methods whose repetition has the same effect as one request.
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})

@@ -15,9 +15,7 @@ from proxy.errors import InvalidApiKey, MissingApiKey
 from proxy.stores.base import KeyStore, TenantStore
 
 
-def auth_stage(
-    keys: KeyStore, tenants: TenantStore, clock: Callable[[], datetime]
-) -> Middleware:
+def auth_stage(keys: KeyStore, tenants: TenantStore, clock: Callable[[], datetime]) -> Middleware:
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = request[CTX]

@@ -74,7 +74,7 @@ def entry_stage(trusted_proxies: Sequence[IPNetwork]) -> Middleware:
 
 async def stamp_response(request: web.BaseRequest, response: web.StreamResponse) -> None:
     """``on_response_prepare`` hook: headers every answer carries, whoever produced it."""
-    ctx: RequestContext | None = request.get(CTX)  # type: ignore[call-overload]
+    ctx: RequestContext | None = request.get(CTX)
     if ctx is None:
         return
     response.headers["X-Request-Id"] = ctx.request_id

@@ -2,24 +2,25 @@
 
 Bodies stream both ways in the chunks they arrive in; nothing is buffered whole. Retries follow
 RFC 9110 §9.2.2: a request that never reached an upstream (connection refused, connect timeout)
-moves on to the next URL whatever its method; one that may have reached it (reset, disconnect)
-is retried only when its method is idempotent and its body was not consumed.
+moves on to the next URL whatever its method. One that may have reached it is not failed over;
+the only retry it gets is aiohttp's own, once, when a pooled keep-alive connection turns out to
+have been closed by the upstream, and only for idempotent methods (``ClientSession`` limits it
+to GET, HEAD, OPTIONS, TRACE, PUT and DELETE).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from proxy.context import CTX, RequestContext
 from proxy.core.apikeys import bearer_key
 from proxy.core.forwarding import (
-    IDEMPOTENT_METHODS,
     request_headers_to_forward,
     response_headers_to_return,
 )
@@ -113,17 +114,13 @@ class Forwarder:
         headers: CIMultiDict[str],
         body: _RequestBody | None,
     ) -> aiohttp.ClientResponse:
-        urls = pool.rotation()
-        if len(urls) == 1:
-            # A pooled keep-alive connection the upstream has just closed fails on first use;
-            # one more try (idempotent methods only, below) is what makes keep-alive safe.
-            urls = urls * 2
         error: ProxyError = UpstreamUnavailable()
-        for base in urls:
+        for base in pool.rotation():
             try:
                 return await pool.session.request(
                     method,
-                    base + target,
+                    # encoded=True: the path and query go out byte for byte, not re-quoted.
+                    URL(base + target, encoded=True),
                     headers=headers,
                     data=body,
                     allow_redirects=False,
@@ -131,19 +128,14 @@ class Forwarder:
                 )
             except aiohttp.ClientConnectorError:
                 error = UpstreamUnavailable()  # refused or unreachable: it never got the request
-                continue
             except aiohttp.ConnectionTimeoutError:
                 error = UpstreamTimeout()  # connect phase: it never got the request either
-                continue
-            except (aiohttp.SocketTimeoutError, asyncio.TimeoutError):
+            except (aiohttp.SocketTimeoutError, TimeoutError):
                 raise UpstreamTimeout() from None
-            except (aiohttp.ClientError, _BodyTooLarge) as e:
+            except (aiohttp.ClientError, _BodyTooLarge):
+                # The request may have reached the upstream: no failover to another URL.
                 if body is not None and body.too_large:
                     raise PayloadTooLarge() from None
-                if method in IDEMPOTENT_METHODS and (body is None or body.sent == 0):
-                    log.info("retrying %s on %s after %s", method, pool.name, type(e).__name__)
-                    error = UpstreamUnavailable()
-                    continue
                 raise UpstreamUnavailable() from None
         raise error
 
@@ -162,7 +154,7 @@ class Forwarder:
         except ConnectionResetError:
             upstream.close()  # the client went away: do not drain a multi-GB body into nothing
             raise
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             # The upstream failed after the head was sent: the only honest signal left is to
             # cut the client's connection, so a truncated body can never pass for a whole one.
             log.warning("upstream body failed mid-stream: %s", type(e).__name__)

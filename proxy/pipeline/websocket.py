@@ -12,13 +12,19 @@ import asyncio
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from proxy.errors import UpstreamTimeout, UpstreamUnavailable
 from proxy.upstreams import UpstreamPool
 
 # Handshake headers each hop generates for itself (RFC 6455 §4.1).
-_HANDSHAKE = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions",
-              "Sec-WebSocket-Protocol", "Sec-WebSocket-Accept")
+_HANDSHAKE = (
+    "Sec-WebSocket-Key",
+    "Sec-WebSocket-Version",
+    "Sec-WebSocket-Extensions",
+    "Sec-WebSocket-Protocol",
+    "Sec-WebSocket-Accept",
+)
 
 
 def is_websocket_upgrade(request: web.Request) -> bool:
@@ -49,18 +55,16 @@ async def relay_websocket(
     for name in _HANDSHAKE:
         headers.popall(name, None)
     protocols = tuple(
-        p.strip()
-        for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
-        if p.strip()
+        p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()
     )
     base = pool.rotation()[0]
     try:
         upstream = await pool.session.ws_connect(
-            base + target, headers=headers, protocols=protocols, autoping=True
+            URL(base + target, encoded=True), headers=headers, protocols=protocols, autoping=True
         )
     except aiohttp.WSServerHandshakeError as e:
         raise UpstreamUnavailable(f"upstream refused the WebSocket upgrade ({e.status})") from None
-    except (aiohttp.ConnectionTimeoutError, aiohttp.SocketTimeoutError, asyncio.TimeoutError):
+    except (TimeoutError, aiohttp.ConnectionTimeoutError, aiohttp.SocketTimeoutError):
         raise UpstreamTimeout() from None
     except aiohttp.ClientError:
         raise UpstreamUnavailable() from None
@@ -69,8 +73,10 @@ async def relay_websocket(
     )
     try:
         await client.prepare(request)
-        tasks = [asyncio.ensure_future(_pump(client, upstream)),
-                 asyncio.ensure_future(_pump(upstream, client))]
+        tasks = [
+            asyncio.ensure_future(_pump(client, upstream)),
+            asyncio.ensure_future(_pump(upstream, client)),
+        ]
         _done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
             task.cancel()

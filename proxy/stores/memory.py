@@ -65,7 +65,8 @@ def _time(row: dict[str, Any], name: str, where: str) -> datetime | None:
             raise ConfigError(f"{where}.{name}: not an ISO 8601 time") from None
     if value is not None and value.tzinfo is None:
         raise ConfigError(f"{where}.{name}: needs a UTC offset")
-    return value
+    result: datetime | None = value
+    return result
 
 
 def _tenant(row: dict[str, Any], where: str) -> Tenant:
