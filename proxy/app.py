@@ -1,7 +1,8 @@
 """Composition root: build the stores, the stages and the aiohttp applications from Settings.
 
-The order of stages is the order of DESIGN.md: entry (request id, errors) → target (Host, path)
-→ tenant → route → auth → forward. Everything a request needs is built here once.
+The order of stages follows DESIGN.md: entry (request id, errors) → target (Host, path) →
+tenant → route → audit → auth → rate limit → forward. Audit sits outside auth and rate limiting
+so that their refusals are recorded too (CONTRACT §9). Everything is built here once.
 """
 
 from __future__ import annotations
@@ -15,14 +16,18 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
+from proxy.audit.jsonl import JsonlAuditSink
 from proxy.core.routes import RouteTable
+from proxy.pipeline.audit import audit_stage
 from proxy.pipeline.auth import auth_stage
 from proxy.pipeline.entry import entry_stage, stamp_response
 from proxy.pipeline.forward import Forwarder
+from proxy.pipeline.ratelimit import ratelimit_stage
 from proxy.pipeline.routing import route_stage, target_stage
 from proxy.pipeline.tenant import tenant_stage
 from proxy.settings import ConfigError, Settings
-from proxy.stores.base import KeyStore, TenantStore
+from proxy.stores.base import AuditSink, BucketStore, KeyStore, TenantStore
+from proxy.stores.buckets import MemoryBucketStore
 from proxy.stores.memory import load_embedded
 from proxy.upstreams import build_pools
 
@@ -37,15 +42,25 @@ def utc_now() -> datetime:
 class Stores:
     tenants: TenantStore
     keys: KeyStore
+    buckets: BucketStore
+    audit: AuditSink
 
 
 def build_stores(settings: Settings) -> Stores:
+    # The Postgres and Redis stores arrive with their own issues; until then refusing to start
+    # is the safe answer (never serve a database deployment from the demo file, nor pretend
+    # that per-process buckets are the shared limit an operator configured).
     if settings.database_url is not None:
-        # The Postgres stores arrive with the tenancy and API-key issues; refusing to start is
-        # the safe answer until then (never serve a database deployment from a demo file).
-        raise ConfigError("DATABASE_URL: the Postgres tenant store is not available yet")
+        raise ConfigError("DATABASE_URL: the Postgres stores are not available in this version")
+    if settings.redis_url is not None:
+        raise ConfigError("REDIS_URL: the Redis bucket store is not available in this version")
     tenants, keys = load_embedded(settings.tenancy.embedded_file)
-    return Stores(tenants=tenants, keys=keys)
+    return Stores(
+        tenants=tenants,
+        keys=keys,
+        buckets=MemoryBucketStore(),
+        audit=JsonlAuditSink(settings.audit.jsonl_path, settings.audit.flush_interval_ms),
+    )
 
 
 def build_app(
@@ -58,18 +73,23 @@ def build_app(
             target_stage,
             tenant_stage(stores.tenants, settings.tenancy.platform_domains, clock),
             route_stage(RouteTable(settings.routes)),
+            audit_stage(stores.audit, clock),
             auth_stage(stores.keys, stores.tenants, clock),
+            ratelimit_stage(stores.buckets, settings.ratelimit.shadow),
         ],
     )
     forwarder = Forwarder(pools, settings.server.max_body_bytes)
     app.router.add_route("*", "/{tail:.*}", forwarder)
     app.on_response_prepare.append(stamp_response)
 
-    async def close_pools(_app: web.Application) -> AsyncIterator[None]:
+    async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
+        await stores.audit.start()
         yield
+        # Runs after in-flight requests finished: every row they submitted is written.
+        await stores.audit.close()
         await asyncio.gather(*(p.close() for p in pools.values()))
 
-    app.cleanup_ctx.append(close_pools)
+    app.cleanup_ctx.append(lifecycle)
     return app
 
 

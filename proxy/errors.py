@@ -84,6 +84,10 @@ class InsufficientScope(ProxyError):
     status, code, message = 403, "insufficient_scope", "the API key lacks the required scope"
 
 
+class RateLimited(ProxyError):
+    status, code, message = 429, "rate_limited", "rate limit exceeded"
+
+
 class PayloadTooLarge(ProxyError):
     status, code, message = 413, "payload_too_large", "request body exceeds the size limit"
 

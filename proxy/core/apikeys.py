@@ -83,7 +83,13 @@ def find_match(key_hash: str, candidates: Iterable[ApiKey]) -> ApiKey | None:
 
 
 def scope_covers(granted: str, required: str) -> bool:
-    """``*`` covers everything; ``renders:*`` covers every ``renders:`` scope."""
+    """``*`` covers everything; ``renders:*`` covers every ``renders:`` scope.
+
+    Nothing covers ``""``, the impossible scope ``required_scope`` demands for a method the
+    route does not list: not ``*``, and not an empty scope string that slipped into a key row.
+    """
+    if not required:
+        return False
     if granted == required or granted == "*":
         return True
     return granted.endswith(":*") and required.startswith(granted[:-1])

@@ -115,6 +115,10 @@ def client_address(
     list with the peer appended. From any other peer the received list is discarded.
     """
     peer_ip = _parse_ip(peer)
+    if peer_ip is not None:
+        # One spelling per client whichever branch decides: a dual-stack listener reports
+        # "::ffff:192.0.2.7", which audit rows, per-IP limits and allowed_ips see as 192.0.2.7.
+        peer = str(peer_ip)
     if peer_ip is None or not forwarded_for or not is_trusted(peer_ip, trusted):
         return peer, peer
     client = str(peer_ip)
@@ -133,5 +137,3 @@ def request_id(received: str | None) -> str:
     if received is not None and len(received) == 36 and _UUID.fullmatch(received):
         return received.lower()
     return str(uuid.uuid4())
-
-

@@ -21,6 +21,11 @@ class BadHost(ValueError):
     """The Host header is missing or not a valid host[:port]."""
 
 
+def _is_port(text: str) -> bool:
+    """RFC 3986 §3.2.3 ``port = *DIGIT``: ASCII digits only (``str.isdigit`` takes "٨٠", "²")."""
+    return text.isascii() and (text == "" or text.isdigit())
+
+
 def normalize_host(raw: str) -> str:
     raw = raw.strip()
     if not raw:
@@ -28,7 +33,11 @@ def normalize_host(raw: str) -> str:
     if raw.startswith("["):
         end = raw.find("]")
         rest = raw[end + 1 :] if end > 0 else "?"
-        if rest and not (rest[0] == ":" and rest[1:].isdigit()):
+        if rest and not (rest[0] == ":" and _is_port(rest[1:])):
+            raise BadHost("malformed IPv6 literal")
+        if "%" in raw[1:end]:
+            # RFC 3986's IPv6address has no zone (Python's ipaddress accepts "fe80::1%eth0");
+            # a zone names an interface of the sender and means nothing to this server.
             raise BadHost("malformed IPv6 literal")
         try:
             ip = ipaddress.IPv6Address(raw[1:end])
@@ -38,16 +47,17 @@ def normalize_host(raw: str) -> str:
     host, sep, port = raw.rpartition(":")
     if not sep:
         host = raw
-    elif not port.isdigit():
+    elif not _is_port(port):
         raise BadHost("malformed port")
     host = host.lower()
-    if host.endswith("."):
-        host = host[:-1]
     if not host.isascii():
         try:
             host = host.encode("idna").decode("ascii")
         except UnicodeError:
             raise BadHost("invalid internationalised name") from None
+    # After IDNA, which maps the other dots of RFC 3490 §3.1 ("。", "．", "｡") to ".".
+    if host.endswith("."):
+        host = host[:-1]
     if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in host.split(".")):
         raise BadHost("invalid host name")
     return host

@@ -59,6 +59,6 @@ def split_target(target: str, host: str) -> tuple[str, str]:
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
-    path, _, query = target.partition("?")
-    path = path.partition("#")[0]
+    # The fragment goes first: in "/a?b#c" the query is "b", and in "/a#c?x" there is none.
+    path, _, query = target.partition("#")[0].partition("?")
     return resolve_dot_segments(path), query

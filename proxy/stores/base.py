@@ -8,7 +8,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from proxy.audit.record import AuditRecord
 from proxy.core.apikeys import ApiKey
+from proxy.core.bucket import Decision
 from proxy.core.tenancy import Tenant
 
 
@@ -26,3 +28,19 @@ class TenantStore(Protocol):
 class KeyStore(Protocol):
     async def by_prefix(self, prefix: str) -> Sequence[ApiKey]:
         """Every key row whose ``key_prefix`` is ``prefix`` (active or not: the stage decides)."""
+
+
+class BucketStore(Protocol):
+    async def take(self, bucket: str, capacity: int) -> Decision:
+        """Take one token from ``bucket`` (capacity ``capacity`` per minute) if there is one."""
+
+
+class AuditSink(Protocol):
+    def submit(self, record: AuditRecord) -> None:
+        """Queue one row; never waits (the request path must not block on audit I/O)."""
+
+    async def start(self) -> None:
+        """Begin flushing in the background."""
+
+    async def close(self) -> None:
+        """Write everything submitted so far, then stop."""

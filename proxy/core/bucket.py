@@ -1,0 +1,64 @@
+"""Token-bucket math (CONTRACT §6), the rules every bucket store implements.
+
+Capacity ``rpm`` tokens, refilled continuously at ``rpm / 60`` tokens a second; a request takes
+one token; a rejected request takes nothing. The in-process store runs this function directly;
+the Redis Lua script implements the same rules with Redis's clock.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+WINDOW_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class BucketState:
+    tokens: float
+    updated: float  # seconds, on the clock of whoever keeps the bucket
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    limit: int
+    remaining: int  # whole tokens left after this request
+    reset_s: int  # seconds until the bucket is full again
+    retry_after_s: int  # 0 when allowed; else whole seconds until one token, at least 1
+
+
+def take(state: BucketState | None, capacity: int, now: float) -> tuple[BucketState, Decision]:
+    rate = capacity / WINDOW_S
+    if state is None:
+        tokens = float(capacity)
+    else:
+        # max(0, ...): a clock that steps backwards must not drain the bucket.
+        tokens = min(float(capacity), state.tokens + max(0.0, now - state.updated) * rate)
+    allowed = tokens >= 1.0
+    if allowed:
+        tokens -= 1.0
+    retry_after = 0 if allowed else max(1, math.ceil((1.0 - tokens) / rate))
+    decision = Decision(
+        allowed=allowed,
+        limit=capacity,
+        remaining=int(tokens),
+        reset_s=math.ceil((capacity - tokens) / rate),
+        retry_after_s=retry_after,
+    )
+    return BucketState(tokens, now), decision
+
+
+def limit_headers(d: Decision) -> dict[str, str]:
+    """The headers every keyed response carries: the X-RateLimit trio and the IETF draft pair
+    (draft-ietf-httpapi-ratelimit-headers: ``RateLimit-Policy`` and ``RateLimit``)."""
+    headers = {
+        "X-RateLimit-Limit": str(d.limit),
+        "X-RateLimit-Remaining": str(d.remaining),
+        "X-RateLimit-Reset": str(d.reset_s),
+        "RateLimit-Policy": f'"key";q={d.limit};w={int(WINDOW_S)}',
+        "RateLimit": f'"key";r={d.remaining};t={d.reset_s}',
+    }
+    if not d.allowed:
+        headers["Retry-After"] = str(d.retry_after_s)
+    return headers
