@@ -7,6 +7,8 @@ Endpoints (any prefix; matched on the last path segment):
 - ``.../stream?bytes=N``   streams N bytes in 64 KiB chunks (chunked, or ``&length=1`` for CL)
 - ``.../slow?seconds=S``   answers after S seconds
 - ``.../reset``            aborts the connection without answering
+- ``.../truncate``         promises 1 MiB (Content-Length, or chunked with ``?chunked=1``),
+                            sends 64 KiB, then aborts
 - ``.../hop``              answers with hop-by-hop and Connection-named headers
 - ``.../ws``               WebSocket echo
 - ``/__count/<request-id>`` how many requests with that X-Request-Id arrived
@@ -89,6 +91,16 @@ async def handle(request: web.Request) -> web.StreamResponse:
         assert request.transport is not None
         request.transport.abort()
         return web.Response()
+    if last == "truncate":
+        response = web.StreamResponse()
+        if not request.query.get("chunked"):
+            response.content_length = 1 << 20
+        await response.prepare(request)
+        await response.write(CHUNK)
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.abort()
+        return response
     if last == "hop":
         return web.Response(
             text="hop",

@@ -339,3 +339,23 @@ async def test_concurrent_requests_all_answered(proxy: Proxy) -> None:
 def test_host_errors(proxy: Proxy, host: str, status: int, code: str) -> None:
     r = raw_request(proxy.port, _get("/public/x", host=host))
     assert r.status == status and _error(r.body)["code"] == code
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_upstream_dying_mid_body_cuts_the_client_connection(proxy: Proxy, chunked: bool) -> None:
+    """A truncated body must never pass for a whole one: no final chunk, no full length."""
+    import socket
+
+    target = "/public/truncate?chunked=1" if chunked else "/public/truncate"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        s.sendall(_get(target))
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    if chunked:
+        assert not body.endswith(b"0\r\n\r\n")
+    else:
+        assert b"content-length: 1048576" in head.lower()
+        assert len(body) < 1 << 20
