@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
+from proxy.core.hosts import BadHost, normalize_host
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 AuthMode = Literal["api_key", "optional", "none"]
 _T = TypeVar("_T")
@@ -197,6 +199,13 @@ def _parse_cidr(value: str, key: str) -> IPNetwork:
         raise ConfigError(f"{key}: not a CIDR: {value!r}") from None
 
 
+def _host_name(value: str, key: str) -> str:
+    try:
+        return normalize_host(value)
+    except BadHost:
+        raise ConfigError(f"{key}: not a host name: {value!r}") from None
+
+
 def _check_http_url(value: str, key: str) -> str:
     parts = urlsplit(value)
     try:
@@ -252,8 +261,11 @@ def _server(t: _Table) -> ServerSettings:
 
 def _tenancy(t: _Table, base: Path) -> TenancySettings:
     d = TenancySettings()
+    # The same normal form as a Host (CONTRACT §3), or "Bücher.test" would never match the
+    # "xn--bcher-kva.test" that normalize_host makes of every request's Host.
     domains = tuple(
-        dom.lower().rstrip(".") for dom in t.str_list("platform_domains", d.platform_domains)
+        _host_name(dom, t.key("platform_domains"))
+        for dom in t.str_list("platform_domains", d.platform_domains)
     )
     s = TenancySettings(
         platform_domains=domains,

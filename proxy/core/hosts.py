@@ -55,7 +55,7 @@ def normalize_host(raw: str) -> str:
             host = host.encode("idna").decode("ascii")
         except UnicodeError:
             raise BadHost("invalid internationalised name") from None
-    # After IDNA, which maps the other dots of RFC 3490 §3.1 ("。", "．", "｡") to ".".
+    # After IDNA, which maps the other dots of RFC 3490 §3.1 (U+3002, U+FF0E, U+FF61) to ".".
     if host.endswith("."):
         host = host[:-1]
     if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in host.split(".")):

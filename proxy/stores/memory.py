@@ -56,6 +56,23 @@ def _get(row: dict[str, Any], name: str, kind: type | tuple[type, ...], where: s
     return value
 
 
+def _strings(row: dict[str, Any], name: str, where: str) -> tuple[str, ...] | None:
+    """A list of strings, or None when absent: ``scopes = [1]`` would otherwise load and then
+    fail on every request, and ``allowed_ips = [5]`` would silently mean 0.0.0.5/32."""
+    value = _get(row, name, list, where)
+    if value is not None and not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}.{name}: expected a list of strings")
+    return None if value is None else tuple(value)
+
+
+def _tables(data: dict[str, Any], name: str, where: str) -> list[dict[str, Any]]:
+    """``[[name]]`` entries; ``[name]`` (one table) or ``name = [1]`` is a ConfigError."""
+    value = data.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
+        raise ConfigError(f"{where}{name}: expected an array of tables ([[{name}]])")
+    return value
+
+
 def _time(row: dict[str, Any], name: str, where: str) -> datetime | None:
     value = _get(row, name, (datetime, str), where)
     if isinstance(value, str):
@@ -83,11 +100,12 @@ def _tenant(row: dict[str, Any], where: str) -> Tenant:
         status=status,
         custom_domain=(_get(row, "custom_domain", str, where) or "").lower() or None,
         domain_verified=bool(_get(row, "domain_verified", bool, where)),
-        allowed_origins=tuple(_get(row, "allowed_origins", list, where) or ()),
+        allowed_origins=_strings(row, "allowed_origins", where) or (),
         trial_ends_at=_time(row, "trial_ends_at", where),
         branding=Branding(
             embed_enabled=bool(branding.get("embed_enabled", False)),
-            embed_allowed_hosts=tuple(branding.get("embed_allowed_hosts", ())),
+            embed_allowed_hosts=_strings(branding, "embed_allowed_hosts", f"{where}.branding")
+            or (),
         )
         if branding is not None
         else None,
@@ -106,19 +124,22 @@ def _key(row: dict[str, Any], where: str, tenant_ids: dict[str, str]) -> ApiKey:
         raise ConfigError(f"{where}.key_prefix: expected the key's first {PREFIX_LEN} characters")
     if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
         raise ConfigError(f"{where}.key_hash: expected a SHA-256 hex digest")
-    ips = _get(row, "allowed_ips", list, where)
+    ips = _strings(row, "allowed_ips", where)
     try:
         allowed = None if ips is None else tuple(ipaddress.ip_network(i, strict=False) for i in ips)
     except ValueError:
         raise ConfigError(f"{where}.allowed_ips: not a list of CIDRs") from None
-    rpm = _get(row, "rate_limit_rpm", int, where) or 600
+    rpm = row.get("rate_limit_rpm", 600)
+    if not isinstance(rpm, int) or isinstance(rpm, bool) or rpm <= 0:
+        # 0 used to become 600 (``or 600``) and a negative rate broke the bucket arithmetic.
+        raise ConfigError(f"{where}.rate_limit_rpm: expected a positive integer")
     return ApiKey(
         id=row["id"],
         tenant_id=tenant_ids[row["tenant"]],
         environment="test" if prefix.startswith("fr_test_") else "live",
         key_prefix=prefix,
         key_hash=digest,
-        scopes=tuple(_get(row, "scopes", list, where) or ()),
+        scopes=_strings(row, "scopes", where) or (),
         allowed_ips=allowed,
         rate_limit_rpm=rpm,
         is_active=row.get("is_active", True) is True,
@@ -134,9 +155,14 @@ def load_embedded(path: Path) -> tuple[MemoryTenantStore, MemoryKeyStore]:
             data = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"tenancy.embedded_file: {path} not found") from None
+    except OSError as e:
+        raise ConfigError(f"tenancy.embedded_file: cannot read {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    tenants = [_tenant(r, f"{path}: tenants[{i}]") for i, r in enumerate(data.get("tenants", []))]
+    where = f"{path}: "
+    rows = _tables(data, "tenants", where)
+    tenants = [_tenant(r, f"{where}tenants[{i}]") for i, r in enumerate(rows)]
     by_slug = {t.slug: t.id for t in tenants}
-    keys = [_key(r, f"{path}: keys[{i}]", by_slug) for i, r in enumerate(data.get("keys", []))]
+    rows = _tables(data, "keys", where)
+    keys = [_key(r, f"{where}keys[{i}]", by_slug) for i, r in enumerate(rows)]
     return MemoryTenantStore(tenants), MemoryKeyStore(keys)
