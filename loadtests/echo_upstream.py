@@ -112,6 +112,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 "Trailer": "X-Checksum",
                 "X-FlatRender-Internal": "leak",
                 "Vary": "Accept-Encoding",
+                "Access-Control-Allow-Origin": "*",
+                "Access-Control-Allow-Methods": "GET, POST, PUT, DELETE",
                 "X-Kept": "yes",
             },
         )

@@ -1,8 +1,10 @@
 """Composition root: build the stores, the stages and the aiohttp applications from Settings.
 
 The order of stages follows DESIGN.md: entry (request id, errors) → target (Host, path) →
-tenant → route → audit → auth → rate limit → forward. Audit sits outside auth and rate limiting
-so that their refusals are recorded too (CONTRACT §9). Everything is built here once.
+challenge (custom-domain verification) → tenant → cors → status → route → audit → auth →
+rate limit → forward. CORS sits before the status check and routing so that their refusals
+carry CORS headers too; audit sits outside auth and rate limiting so that their refusals are
+recorded (CONTRACT §9). Everything is built here once.
 """
 
 from __future__ import annotations
@@ -10,24 +12,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from proxy.audit.jsonl import JsonlAuditSink
+from proxy.core.hosts import BadHost, normalize_host
 from proxy.core.routes import RouteTable
+from proxy.errors import TenantStoreUnavailable
 from proxy.pipeline.audit import audit_stage
 from proxy.pipeline.auth import auth_stage
+from proxy.pipeline.cors import cors_stage
 from proxy.pipeline.entry import entry_stage, stamp_response
 from proxy.pipeline.forward import Forwarder
 from proxy.pipeline.ratelimit import ratelimit_stage
-from proxy.pipeline.routing import route_stage, target_stage
-from proxy.pipeline.tenant import tenant_stage
+from proxy.pipeline.routing import challenge_stage, route_stage, target_stage
+from proxy.pipeline.tenant import status_stage, tenant_stage
 from proxy.settings import ConfigError, Settings
-from proxy.stores.base import AuditSink, BucketStore, KeyStore, TenantStore
+from proxy.stores.base import AuditSink, BucketStore, ChallengeStore, KeyStore, TenantStore
 from proxy.stores.buckets import MemoryBucketStore
+from proxy.stores.identity import CachedIdentityStore
 from proxy.stores.memory import load_embedded
 from proxy.upstreams import build_pools
 
@@ -38,70 +45,126 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+async def _always_ready() -> bool:
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class Stores:
     tenants: TenantStore
     keys: KeyStore
+    challenges: ChallengeStore
     buckets: BucketStore
-    audit: AuditSink
+    audit: AuditSink | None  # None: no route is audited
+    identity: CachedIdentityStore | None = None  # the Postgres-backed store, when configured
+
+    async def start(self) -> None:
+        if self.identity is not None:
+            await self.identity.start()
+        if self.audit is not None:
+            await self.audit.start()
+
+    async def close(self) -> None:
+        if self.audit is not None:
+            await self.audit.close()
+        if self.identity is not None:
+            await self.identity.close()
+
+    def ready(self) -> Awaitable[bool]:
+        return self.identity.db.ping() if self.identity is not None else _always_ready()
 
 
 def build_stores(settings: Settings) -> Stores:
-    # The Postgres and Redis stores arrive with their own issues; until then refusing to start
-    # is the safe answer (never serve a database deployment from the demo file, nor pretend
-    # that per-process buckets are the shared limit an operator configured).
-    if settings.database_url is not None:
-        raise ConfigError("DATABASE_URL: the Postgres stores are not available in this version")
+    # Stores that have not been built yet are refused rather than quietly replaced: never
+    # pretend that per-process buckets are the shared limit an operator configured, and never
+    # drop the audit rows of a database deployment.
     if settings.redis_url is not None:
         raise ConfigError("REDIS_URL: the Redis bucket store is not available in this version")
-    tenants, keys = load_embedded(settings.tenancy.embedded_file)
-    return Stores(
-        tenants=tenants,
-        keys=keys,
-        buckets=MemoryBucketStore(),
-        audit=JsonlAuditSink(settings.audit.jsonl_path, settings.audit.flush_interval_ms),
+    buckets = MemoryBucketStore()
+    if settings.database_url is None:
+        tenants, keys = load_embedded(settings.tenancy.embedded_file)
+        audit = JsonlAuditSink(settings.audit.jsonl_path, settings.audit.flush_interval_ms)
+        return Stores(tenants, keys, tenants, buckets, audit)
+    for i, route in enumerate(settings.routes):
+        if route.audit:
+            raise ConfigError(
+                f"routes[{i}].audit: auditing to Postgres is not available in this version"
+            )
+    t = settings.tenancy
+    identity = CachedIdentityStore(
+        settings.database_url,
+        ttl_s=t.cache_ttl_s,
+        stale_if_error_s=t.stale_if_error_s,
+        timeout_s=t.store_timeout_s,
     )
+    return Stores(identity, identity, identity, buckets, None, identity)
 
 
 def build_app(
     settings: Settings, stores: Stores, clock: Callable[[], datetime] = utc_now
 ) -> web.Application:
     pools = build_pools(settings.upstreams)
-    app = web.Application(
-        middlewares=[
-            entry_stage(settings.server.trusted_proxies),
-            target_stage,
-            tenant_stage(stores.tenants, settings.tenancy.platform_domains, clock),
-            route_stage(RouteTable(settings.routes)),
-            audit_stage(stores.audit, clock),
-            auth_stage(stores.keys, stores.tenants, clock),
-            ratelimit_stage(stores.buckets, settings.ratelimit.shadow),
-        ],
-    )
+    stages: list[Middleware] = [
+        entry_stage(settings.server.trusted_proxies),
+        target_stage,
+        challenge_stage(stores.challenges, clock),
+        tenant_stage(stores.tenants, settings.tenancy.platform_domains),
+        cors_stage,
+        status_stage(clock),
+        route_stage(RouteTable(settings.routes)),
+    ]
+    if stores.audit is not None:
+        stages.append(audit_stage(stores.audit, clock))
+    stages += [
+        auth_stage(stores.keys, stores.tenants, clock),
+        ratelimit_stage(stores.buckets, settings.ratelimit.shadow),
+    ]
+    app = web.Application(middlewares=stages)
     forwarder = Forwarder(pools, settings.server.max_body_bytes)
     app.router.add_route("*", "/{tail:.*}", forwarder)
     app.on_response_prepare.append(stamp_response)
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
-        await stores.audit.start()
+        await stores.start()
         yield
         # Runs after in-flight requests finished: every row they submitted is written.
-        await stores.audit.close()
+        await stores.close()
         await asyncio.gather(*(p.close() for p in pools.values()))
 
     app.cleanup_ctx.append(lifecycle)
     return app
 
 
-def build_admin_app() -> web.Application:
+def build_admin_app(stores: Stores) -> web.Application:
     """The admin listener: never on the public port (CONTRACT §10)."""
 
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
+    async def readyz(_request: web.Request) -> web.Response:
+        ready = await stores.ready()
+        return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+    async def tls_allowed(request: web.Request) -> web.Response:
+        """Caddy's on-demand TLS ``ask``: 200 only for a verified custom domain of a tenant
+        that may be served. Answered from the tenant cache, so a database blip does not stop
+        certificate renewals for domains already known (stale-if-error)."""
+        try:
+            domain = normalize_host(request.query.get("domain", ""))
+            tenant = await stores.tenants.by_custom_domain(domain)
+        except BadHost:
+            tenant = None
+        except TenantStoreUnavailable:
+            return web.json_response({"allowed": False}, status=503)
+        allowed = (
+            tenant is not None and tenant.domain_verified and tenant.status in ("Active", "Trial")
+        )
+        return web.json_response({"allowed": allowed}, status=200 if allowed else 404)
+
     admin = web.Application()
     admin.router.add_get("/healthz", healthz)
-    admin.router.add_get("/readyz", healthz)  # embedded stores are always ready
+    admin.router.add_get("/readyz", readyz)
+    admin.router.add_get("/tls/allowed", tls_allowed)
     return admin
 
 
@@ -121,7 +184,7 @@ async def serve(settings: Settings, stores: Stores) -> None:
     """Run until SIGTERM/SIGINT, then stop accepting and let in-flight requests finish."""
     app = build_app(settings, stores)
     runner = web.AppRunner(app, **runner_kwargs(settings))  # type: ignore[arg-type]
-    admin = web.AppRunner(build_admin_app(), access_log=None)
+    admin = web.AppRunner(build_admin_app(stores), access_log=None)
     await runner.setup()
     await admin.setup()
     s = settings.server

@@ -52,6 +52,14 @@ class TenantCancelled(ProxyError):
     status, code, message = 410, "tenant_cancelled", "the tenant is cancelled"
 
 
+class OriginNotAllowed(ProxyError):
+    status, code, message = 403, "origin_not_allowed", "this origin may not call this API"
+
+
+class ChallengeNotFound(ProxyError):
+    status, code, message = 404, "challenge_not_found", "no such domain-verification challenge"
+
+
 class MissingApiKey(ProxyError):
     status, code, message = 401, "missing_api_key", "an API key is required"
 

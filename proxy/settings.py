@@ -56,6 +56,10 @@ class ServerSettings:
 class TenancySettings:
     platform_domains: tuple[str, ...] = ("flatrender.test",)
     cache_ttl_s: float = 30.0
+    # While Postgres is unreachable, cached tenants and keys keep serving this long past their TTL.
+    stale_if_error_s: float = 300.0
+    # No request waits longer than this on the database.
+    store_timeout_s: float = 1.0
     # Embedded mode only (no DATABASE_URL): tenants and API keys come from this file.
     embedded_file: Path = Path("config/tenants.toml")
 
@@ -270,6 +274,8 @@ def _tenancy(t: _Table, base: Path) -> TenancySettings:
     s = TenancySettings(
         platform_domains=domains,
         cache_ttl_s=t.positive("cache_ttl_s", d.cache_ttl_s),
+        stale_if_error_s=t.positive("stale_if_error_s", d.stale_if_error_s),
+        store_timeout_s=t.positive("store_timeout_s", d.store_timeout_s),
         embedded_file=base / t.text("embedded_file", str(d.embedded_file)),
     )
     t.finish()

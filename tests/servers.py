@@ -420,6 +420,8 @@ class PostgresServer(_Server):
             "logging_collector": "off",
             "log_min_messages": "warning",
             "timezone": "UTC",
+            # Lets tests count the queries the proxy really made (pg_stat_statements.calls).
+            "shared_preload_libraries": "pg_stat_statements",
         }
         cmd = [str(self.bindir / "postgres"), "-D", str(self.datadir)]
         for key, value in settings.items():

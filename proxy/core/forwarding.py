@@ -80,9 +80,15 @@ def request_headers_to_forward(headers: Sequence[Header]) -> list[Header]:
 def response_headers_to_return(headers: Sequence[Header]) -> list[Header]:
     """Upstream response headers minus hop-by-hop ones and framing the proxy recomputes.
 
-    ``X-FlatRender-*`` from upstream is dropped too: it is an internal namespace.
+    ``X-FlatRender-*`` from upstream is dropped too: it is an internal namespace. So is every
+    ``Access-Control-*``: CORS is the proxy's decision per tenant (CONTRACT §4), and an upstream
+    answering ``*`` must not widen it.
     """
-    return _filter(headers, _RESPONSE_DROP)
+    return [h for h in _filter(headers, _RESPONSE_DROP) if not _is_cors(h[0])]
+
+
+def _is_cors(name: str) -> bool:
+    return name[:15].lower() == "access-control-"
 
 
 def is_trusted(

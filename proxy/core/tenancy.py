@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
+from proxy.core.cors import CorsPolicy, build_policy
 from proxy.errors import TenantCancelled, TenantSuspended, TrialExpired
 
 TenantStatus = Literal["Active", "Trial", "Suspended", "Cancelled"]
@@ -29,6 +30,11 @@ class Tenant:
     trial_ends_at: datetime | None = None
     branding: Branding | None = None
     features: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
+    # Compiled once when the tenant is loaded, never per request.
+    cors: CorsPolicy = field(init=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cors", build_policy(self.allowed_origins, self.custom_domain))
 
 
 def check_status(tenant: Tenant, now: datetime) -> None:

@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from proxy.context import CTX, RequestContext
+from proxy.core.cors import merge_vary
 from proxy.core.forwarding import IPNetwork, client_address, request_id
 from proxy.errors import BadRequest, InternalError, PayloadTooLarge, ProxyError
 
@@ -77,6 +78,12 @@ async def stamp_response(request: web.BaseRequest, response: web.StreamResponse)
     ctx: RequestContext | None = request.get(CTX)
     if ctx is None:
         return
-    response.headers["X-Request-Id"] = ctx.request_id
-    if ctx.response_headers:
-        response.headers.update(ctx.response_headers)
+    headers = response.headers
+    headers["X-Request-Id"] = ctx.request_id
+    for name, value in ctx.response_headers.items():
+        if name == "Vary":
+            headers["Vary"] = merge_vary(headers.get("Vary"), value)
+        elif name == "Content-Security-Policy":
+            headers.add(name, value)  # an upstream policy stays: browsers enforce both
+        else:
+            headers[name] = value

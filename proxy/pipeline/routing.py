@@ -1,16 +1,22 @@
-"""Request-target stage (Host and path, CONTRACT §3 and §7) and the route stage (§2)."""
+"""Request-target stage (Host and path, CONTRACT §3 and §7), the domain-verification challenge
+(§3), and the route stage (§2, with the embed policy of §4)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from proxy.context import CTX
+from proxy.core.cors import frame_ancestors
 from proxy.core.hosts import BadHost, normalize_host
 from proxy.core.paths import BadTarget, split_target
 from proxy.core.routes import RouteTable
-from proxy.errors import BadRequest, NoRoute
+from proxy.errors import BadRequest, ChallengeNotFound, NoRoute
 from proxy.settings import RouteSettings
+from proxy.stores.base import ChallengeStore
 
 
 @web.middleware
@@ -36,6 +42,33 @@ def route_stage(table: RouteTable[RouteSettings]) -> Middleware:
         ctx.route = table.match(ctx.path)
         if ctx.route is None:
             raise NoRoute()
+        if ctx.route.embed:
+            branding = ctx.tenant.branding if ctx.tenant else None
+            ctx.response_headers["Content-Security-Policy"] = (
+                frame_ancestors(branding.embed_enabled, branding.embed_allowed_hosts)
+                if branding
+                else frame_ancestors(False, ())
+            )
         return await handler(request)
 
     return route
+
+
+CHALLENGE_PREFIX = "/.well-known/flatrender-challenge/"
+
+
+def challenge_stage(store: ChallengeStore, clock: Callable[[], datetime]) -> Middleware:
+    """Answer custom-domain verification before tenant resolution: it must work while the
+    domain is still unverified (which the tenant stage would refuse with 421)."""
+
+    @web.middleware
+    async def challenge(request: web.Request, handler: Handler) -> web.StreamResponse:
+        ctx = request[CTX]
+        if not ctx.path.startswith(CHALLENGE_PREFIX) or request.method not in ("GET", "HEAD"):
+            return await handler(request)
+        token = ctx.path[len(CHALLENGE_PREFIX) :]
+        if not token or "/" in token or not await store.challenge_valid(ctx.host, token, clock()):
+            raise ChallengeNotFound()
+        return web.Response(text=token, content_type="text/plain")
+
+    return challenge

@@ -1,4 +1,8 @@
-"""Tenant stage: Host → tenant, then the tenant's status (CONTRACT §3)."""
+"""Tenant stages (CONTRACT §3): resolve the Host to a tenant, then apply its status.
+
+They are two stages so that CORS (between them) can decorate even a suspended tenant's refusal:
+a browser app must be able to read *why* it was refused.
+"""
 
 from __future__ import annotations
 
@@ -37,14 +41,22 @@ async def resolve_tenant(
     return tenant, match.kind == "platform"
 
 
-def tenant_stage(
-    store: TenantStore, platform_domains: tuple[str, ...], clock: Callable[[], datetime]
-) -> Middleware:
+def tenant_stage(store: TenantStore, platform_domains: tuple[str, ...]) -> Middleware:
     @web.middleware
     async def tenant(request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = request[CTX]
         ctx.tenant, ctx.via_platform = await resolve_tenant(store, ctx.host, platform_domains)
-        check_status(ctx.tenant, clock())
         return await handler(request)
 
     return tenant
+
+
+def status_stage(clock: Callable[[], datetime]) -> Middleware:
+    @web.middleware
+    async def status(request: web.Request, handler: Handler) -> web.StreamResponse:
+        tenant = request[CTX].tenant
+        assert tenant is not None  # the tenant stage ran
+        check_status(tenant, clock())
+        return await handler(request)
+
+    return status

@@ -6,6 +6,7 @@ Implementations map their own exceptions to ``proxy.errors`` at this boundary.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Protocol
 
 from proxy.audit.record import AuditRecord
@@ -23,6 +24,11 @@ class TenantStore(Protocol):
 
     async def by_id(self, tenant_id: str) -> Tenant | None:
         """The live tenant with this id."""
+
+
+class ChallengeStore(Protocol):
+    async def challenge_valid(self, domain: str, token: str, now: datetime) -> bool:
+        """An unexpired HTTP_FILE verification row exists for ``domain`` and ``token``."""
 
 
 class KeyStore(Protocol):

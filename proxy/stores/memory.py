@@ -22,7 +22,16 @@ _STATUSES = ("Active", "Trial", "Suspended", "Cancelled")
 
 
 class MemoryTenantStore:
-    def __init__(self, tenants: Iterable[Tenant]) -> None:
+    """Tenants and their HTTP_FILE domain-verification challenges (``[[domain_verifications]]``)."""
+
+    def __init__(
+        self,
+        tenants: Iterable[Tenant],
+        challenges: Iterable[tuple[str, str, datetime]] = (),
+    ) -> None:
+        self._challenges: dict[str, list[tuple[str, datetime]]] = {}
+        for domain, token, expires_at in challenges:
+            self._challenges.setdefault(domain.lower(), []).append((token, expires_at))
         self._by_id = {t.id: t for t in tenants}
         self._by_slug = {t.slug.lower(): t for t in self._by_id.values()}
         self._by_domain = {
@@ -37,6 +46,9 @@ class MemoryTenantStore:
 
     async def by_id(self, tenant_id: str) -> Tenant | None:
         return self._by_id.get(tenant_id)
+
+    async def challenge_valid(self, domain: str, token: str, now: datetime) -> bool:
+        return any(t == token and now < exp for t, exp in self._challenges.get(domain, ()))
 
 
 class MemoryKeyStore:
@@ -165,4 +177,16 @@ def load_embedded(path: Path) -> tuple[MemoryTenantStore, MemoryKeyStore]:
     by_slug = {t.slug: t.id for t in tenants}
     rows = _tables(data, "keys", where)
     keys = [_key(r, f"{where}keys[{i}]", by_slug) for i, r in enumerate(rows)]
-    return MemoryTenantStore(tenants), MemoryKeyStore(keys)
+    rows = _tables(data, "domain_verifications", where)
+    challenges = [_challenge(r, f"{where}domain_verifications[{i}]") for i, r in enumerate(rows)]
+    return MemoryTenantStore(tenants, challenges), MemoryKeyStore(keys)
+
+
+def _challenge(row: dict[str, Any], where: str) -> tuple[str, str, datetime]:
+    for name in ("domain", "token"):
+        if not isinstance(row.get(name), str) or not row[name]:
+            raise ConfigError(f"{where}.{name}: required string")
+    expires_at = _time(row, "expires_at", where)
+    if expires_at is None:
+        raise ConfigError(f"{where}.expires_at: required")
+    return row["domain"].lower(), row["token"], expires_at

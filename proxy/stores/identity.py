@@ -1,0 +1,106 @@
+"""The production identity store: Postgres behind loading caches, kept fresh by LISTEN/NOTIFY.
+
+Implements ``TenantStore``, ``KeyStore`` and ``ChallengeStore``. A notification evicts exactly
+the entries it names (see ``sql/003_edge_invalidation.sql``); an unreadable one, and every
+(re)connection of the listener, flushes everything, since changes may have been missed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from proxy.core.apikeys import ApiKey
+from proxy.core.tenancy import Tenant
+from proxy.stores.cached import LoadingCache
+from proxy.stores.postgres import ChangeListener, PostgresStore
+
+TenantKey = tuple[str, str]  # ("domain" | "slug" | "id", value)
+
+
+class CachedIdentityStore:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        ttl_s: float,
+        stale_if_error_s: float,
+        timeout_s: float,
+        max_entries: int = 100_000,
+    ) -> None:
+        self.db = PostgresStore(dsn, timeout_s=timeout_s)
+        self.tenants: LoadingCache[TenantKey, Tenant | None] = LoadingCache(
+            self._load_tenant, ttl_s=ttl_s, stale_if_error_s=stale_if_error_s, maxsize=max_entries
+        )
+        self.keys: LoadingCache[str, tuple[ApiKey, ...]] = LoadingCache(
+            self.db.keys_by_prefix,
+            ttl_s=ttl_s,
+            stale_if_error_s=stale_if_error_s,
+            maxsize=max_entries,
+        )
+        self.challenges: LoadingCache[str, tuple[tuple[str, datetime], ...]] = LoadingCache(
+            self.db.challenges,
+            ttl_s=ttl_s,
+            stale_if_error_s=stale_if_error_s,
+            maxsize=max_entries,
+        )
+        self.listener = ChangeListener(
+            dsn, self.apply_change, self.flush, timeout_s=max(timeout_s, 2.0)
+        )
+
+    async def _load_tenant(self, key: TenantKey) -> Tenant | None:
+        kind, value = key
+        if kind == "domain":
+            return await self.db.tenant_by_domain(value)
+        if kind == "slug":
+            return await self.db.tenant_by_slug(value)
+        return await self.db.tenant_by_id(value)
+
+    # -- TenantStore
+    async def by_custom_domain(self, host: str) -> Tenant | None:
+        return await self.tenants.get(("domain", host))
+
+    async def by_slug(self, slug: str) -> Tenant | None:
+        return await self.tenants.get(("slug", slug.lower()))
+
+    async def by_id(self, tenant_id: str) -> Tenant | None:
+        return await self.tenants.get(("id", tenant_id))
+
+    # -- KeyStore
+    async def by_prefix(self, prefix: str) -> Sequence[ApiKey]:
+        return await self.keys.get(prefix)
+
+    # -- ChallengeStore
+    async def challenge_valid(self, domain: str, token: str, now: datetime) -> bool:
+        return any(t == token and now < exp for t, exp in await self.challenges.get(domain))
+
+    # -- invalidation
+    def apply_change(self, change: dict[str, Any]) -> None:
+        if change.get("all") or not isinstance(change.get("table"), str):
+            self.flush()
+            return
+        domains = [d for d in change.get("domains", ()) if isinstance(d, str)]
+        slugs = [s for s in change.get("slugs", ()) if isinstance(s, str)]
+        tenant_id = change.get("tenant_id")
+        if change["table"] == "tenant_domain_verifications":
+            self.challenges.invalidate(domains)
+            return
+        evict: list[TenantKey] = [("domain", d) for d in domains] + [("slug", s) for s in slugs]
+        if isinstance(tenant_id, str):
+            evict.append(("id", tenant_id))
+        self.tenants.invalidate(evict)
+        self.keys.invalidate(p for p in change.get("prefixes", ()) if isinstance(p, str))
+
+    def flush(self) -> None:
+        self.tenants.clear()
+        self.keys.clear()
+        self.challenges.clear()
+
+    async def start(self) -> None:
+        await self.db.start()
+        self.listener.start()
+
+    async def close(self) -> None:
+        await self.listener.close()
+        await self.db.close()

@@ -1,0 +1,228 @@
+"""Postgres stores (schema ``identity``): tenants with branding and settings, API keys by prefix,
+domain-verification challenges, and the LISTEN connection that carries invalidations.
+
+Every call is bounded by ``timeout_s`` (no request waits longer on a dead database) and every
+asyncpg/OS failure becomes ``TenantStoreUnavailable`` here, so stages never see asyncpg.
+The pool starts with no connection (``min_size=0``): the proxy starts, and serves what it can,
+while the database is still unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+import asyncpg
+import orjson
+
+from proxy.core.apikeys import ApiKey
+from proxy.core.tenancy import Branding, Tenant
+from proxy.errors import TenantStoreUnavailable
+
+log = logging.getLogger("proxy.postgres")
+CHANNEL = "flatrender_edge"
+_T = TypeVar("_T")
+
+_TENANT = """
+SELECT t.id::text AS id, t.slug::text AS slug, t.status::text AS status,
+       t.custom_domain::text AS custom_domain, t.domain_verified, t.allowed_origins,
+       t.trial_ends_at, b.tenant_id IS NOT NULL AS has_branding, b.embed_enabled,
+       b.embed_allowed_hosts, s.features::text AS features
+  FROM identity.tenants t
+  LEFT JOIN identity.tenant_branding b ON b.tenant_id = t.id
+  LEFT JOIN identity.tenant_settings s ON s.tenant_id = t.id
+ WHERE t.deleted_at IS NULL AND {where}
+"""
+TENANT_BY_DOMAIN = _TENANT.format(where="t.custom_domain = $1::citext")
+TENANT_BY_SLUG = _TENANT.format(where="t.slug = $1::citext")
+TENANT_BY_ID = _TENANT.format(where="t.id = $1::uuid")
+
+KEYS_BY_PREFIX = """
+SELECT id::text AS id, tenant_id::text AS tenant_id, environment::text AS environment,
+       key_prefix, key_hash, scopes, allowed_ips::text[] AS allowed_ips, rate_limit_rpm,
+       is_active, expires_at, revoked_at
+  FROM identity.tenant_api_keys
+ WHERE key_prefix = $1
+"""
+
+CHALLENGES_BY_DOMAIN = """
+SELECT challenge_token, expires_at
+  FROM identity.tenant_domain_verifications
+ WHERE domain = $1::citext AND method = 'HTTP_FILE' AND expires_at > now()
+"""
+
+
+def _tenant(row: asyncpg.Record) -> Tenant:
+    features = orjson.loads(row["features"]) if row["features"] else {}
+    return Tenant(
+        id=row["id"],
+        slug=row["slug"].lower(),
+        status=row["status"],
+        custom_domain=row["custom_domain"].lower() if row["custom_domain"] else None,
+        domain_verified=row["domain_verified"],
+        allowed_origins=tuple(row["allowed_origins"]),
+        trial_ends_at=row["trial_ends_at"],
+        branding=Branding(row["embed_enabled"], tuple(row["embed_allowed_hosts"]))
+        if row["has_branding"]
+        else None,
+        features=features if isinstance(features, dict) else {},
+    )
+
+
+def _key(row: asyncpg.Record) -> ApiKey:
+    ips = row["allowed_ips"]
+    return ApiKey(
+        id=row["id"],
+        tenant_id=row["tenant_id"],
+        environment="test" if row["environment"] == "Test" else "live",
+        key_prefix=row["key_prefix"],
+        key_hash=row["key_hash"].lower(),
+        scopes=tuple(row["scopes"]),
+        allowed_ips=None
+        if ips is None
+        else tuple(ipaddress.ip_network(i, strict=False) for i in ips),
+        rate_limit_rpm=row["rate_limit_rpm"],
+        is_active=row["is_active"],
+        expires_at=row["expires_at"],
+        revoked_at=row["revoked_at"],
+    )
+
+
+class PostgresStore:
+    """Uncached loads; ``stores.cached`` puts the caches in front of them."""
+
+    def __init__(self, dsn: str, *, timeout_s: float, max_connections: int = 10) -> None:
+        self._dsn = dsn
+        self._timeout = timeout_s
+        self._max = max_connections
+        self._pool: asyncpg.Pool | None = None
+        self.queries = 0
+
+    async def start(self) -> None:
+        self._pool = await asyncpg.create_pool(
+            self._dsn,
+            min_size=0,
+            max_size=self._max,
+            timeout=self._timeout,  # connect timeout of each new connection
+            command_timeout=self._timeout,
+        )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._pool.close(), self._timeout)
+
+    async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[_T]]) -> _T:
+        assert self._pool is not None, "start() first"
+        self.queries += 1
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with self._pool.acquire() as conn:
+                    return await fn(conn)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            log.warning("tenant store unavailable: %s", type(e).__name__)
+            raise TenantStoreUnavailable() from None
+
+    async def _tenant_by(self, sql: str, value: str) -> Tenant | None:
+        row = await self._run(lambda c: c.fetchrow(sql, value))
+        return None if row is None else _tenant(row)
+
+    async def tenant_by_domain(self, host: str) -> Tenant | None:
+        return await self._tenant_by(TENANT_BY_DOMAIN, host)
+
+    async def tenant_by_slug(self, slug: str) -> Tenant | None:
+        return await self._tenant_by(TENANT_BY_SLUG, slug)
+
+    async def tenant_by_id(self, tenant_id: str) -> Tenant | None:
+        return await self._tenant_by(TENANT_BY_ID, tenant_id)
+
+    async def keys_by_prefix(self, prefix: str) -> tuple[ApiKey, ...]:
+        rows = await self._run(lambda c: c.fetch(KEYS_BY_PREFIX, prefix))
+        return tuple(_key(r) for r in rows)
+
+    async def challenges(self, domain: str) -> tuple[tuple[str, datetime], ...]:
+        rows = await self._run(lambda c: c.fetch(CHALLENGES_BY_DOMAIN, domain))
+        return tuple((r["challenge_token"], r["expires_at"]) for r in rows)
+
+    async def ping(self) -> bool:
+        try:
+            await self._run(lambda c: c.fetchval("SELECT 1"))
+        except TenantStoreUnavailable:
+            return False
+        return True
+
+
+class ChangeListener:
+    """Holds a LISTEN connection; calls ``on_change(payload)`` per notification, and
+    ``on_reconnect()`` each time listening (re)starts, since changes made while it was not
+    listening were missed. Reconnects with capped backoff; pings to notice a dead link."""
+
+    def __init__(
+        self,
+        dsn: str,
+        on_change: Callable[[dict[str, Any]], None],
+        on_reconnect: Callable[[], None],
+        *,
+        timeout_s: float,
+        ping_interval_s: float = 5.0,
+    ) -> None:
+        self._dsn = dsn
+        self._on_change = on_change
+        self._on_reconnect = on_reconnect
+        self._timeout = timeout_s
+        self._ping_interval = ping_interval_s
+        self._task: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+        self.reconnects = 0
+
+    def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            data = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            data = {"all": True}
+        self._on_change(data if isinstance(data, dict) else {"all": True})
+
+    async def _listen_once(self) -> None:
+        conn: asyncpg.Connection = await asyncpg.connect(self._dsn, timeout=self._timeout)
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _c: lost.set())
+        try:
+            await conn.add_listener(CHANNEL, self._notified)
+            self._on_reconnect()
+            self.reconnects += 1
+            self.connected.set()
+            while not lost.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(lost.wait(), self._ping_interval)
+                    break
+                await conn.fetchval("SELECT 1", timeout=self._timeout)
+        finally:
+            self.connected.clear()
+            conn.terminate()
+
+    async def _run(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self._listen_once()
+                delay = 0.1
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                log.warning(
+                    "LISTEN connection lost (%s); retrying in %.1fs", type(e).__name__, delay
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
