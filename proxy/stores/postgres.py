@@ -26,6 +26,7 @@ from proxy.errors import TenantStoreUnavailable
 
 log = logging.getLogger("proxy.postgres")
 CHANNEL = "flatrender_edge"
+LISTENER_NAME = "flatrender-edge-listener"  # visible in pg_stat_activity
 _T = TypeVar("_T")
 
 _TENANT = """
@@ -188,7 +189,11 @@ class ChangeListener:
         self._on_change(data if isinstance(data, dict) else {"all": True})
 
     async def _listen_once(self) -> None:
-        conn: asyncpg.Connection = await asyncpg.connect(self._dsn, timeout=self._timeout)
+        conn: asyncpg.Connection = await asyncpg.connect(
+            self._dsn,
+            timeout=self._timeout,
+            server_settings={"application_name": LISTENER_NAME},
+        )
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _c: lost.set())
         try:
