@@ -71,7 +71,7 @@ class Stores:
             await self.identity.close()
 
     def ready(self) -> Awaitable[bool]:
-        return self.identity.db.ping() if self.identity is not None else _always_ready()
+        return self.identity.ready() if self.identity is not None else _always_ready()
 
 
 def build_stores(settings: Settings) -> Stores:

@@ -121,6 +121,24 @@ class Proxy:
         return self.proc.stdout.read().decode() if self.proc.stdout else ""
 
 
+def wait_ready(admin_port: int, deadline_s: float = 10.0) -> None:
+    """Poll /readyz until 200 (in database mode: Postgres answers and LISTEN is up)."""
+    import urllib.error
+    import urllib.request
+
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > end:
+            raise TimeoutError(f"proxy not ready after {deadline_s}s")
+        time.sleep(0.02)
+
+
 def start_proxy(config: Path, env: Mapping[str, str] | None = None) -> Proxy:
     port, admin = free_port(), free_port()
     full_env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
@@ -145,6 +163,7 @@ def start_proxy(config: Path, env: Mapping[str, str] | None = None) -> Proxy:
     )
     wait_port(admin, proc)
     wait_port(port, proc)
+    wait_ready(admin)
     return Proxy(port, admin, proc, dict(env or {}))
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Self
 
 import asyncpg
+import psutil
 
 __all__ = ["MissingBinaryError", "PostgresServer", "RedisServer", "find_postgres_bindir"]
 
@@ -169,7 +170,7 @@ class _Server:
             if self._proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     self._proc.send_signal(self._stop_signal())
-                    os.killpg(self._proc.pid, signal.SIGCONT)  # in case a test paused it
+                    self._signal_tree(signal.SIGCONT)  # in case a test paused it
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self._proc.wait(timeout=STOP_TIMEOUT_S)
             self._kill_group()
@@ -179,18 +180,27 @@ class _Server:
         with self._lock:
             self._kill_group()
 
+    def _signal_tree(self, sig: int) -> None:
+        # Postgres backends call setsid() at start (so signals to the postmaster do not reach
+        # them): a process-group signal stops the postmaster only, and already-open connections
+        # would keep answering. Signal every descendant as well.
+        if self._proc is None:
+            return
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(self._proc.pid)
+            for proc in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.send_signal(sig)
+
     def pause(self) -> None:
-        """SIGSTOP: connections are still accepted by the kernel but never answered."""
+        """SIGSTOP the server and every process it started: connections are still accepted
+        by the kernel (backlog) but nothing is ever answered, on new or open connections."""
         with self._lock:
-            if self._proc is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self._proc.pid, signal.SIGSTOP)
+            self._signal_tree(signal.SIGSTOP)
 
     def resume(self) -> None:
         with self._lock:
-            if self._proc is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self._proc.pid, signal.SIGCONT)
+            self._signal_tree(signal.SIGCONT)
 
     def cleanup(self) -> None:
         """Kill the server and delete its temp dir; the object is unusable afterwards."""

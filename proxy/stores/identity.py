@@ -97,6 +97,11 @@ class CachedIdentityStore:
         self.keys.clear()
         self.challenges.clear()
 
+    async def ready(self) -> bool:
+        """The database answers and invalidations are flowing: without the LISTEN link,
+        cached entries could be stale for up to their TTL."""
+        return self.listener.connected.is_set() and await self.db.ping()
+
     async def start(self) -> None:
         await self.db.start()
         self.listener.start()

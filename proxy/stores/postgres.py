@@ -121,13 +121,21 @@ class PostgresStore:
     async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[_T]]) -> _T:
         assert self._pool is not None, "start() first"
         self.queries += 1
+        conn: asyncpg.Connection | None = None
         try:
             async with asyncio.timeout(self._timeout):
-                async with self._pool.acquire() as conn:
-                    return await fn(conn)
+                conn = await self._pool.acquire()
+                return await fn(conn)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            if conn is not None:
+                # A connection that missed its deadline is stuck mid-query: releasing it would
+                # wait for asyncpg's reset on a database that does not answer. Drop it instead.
+                conn.terminate()
             log.warning("tenant store unavailable: %s", type(e).__name__)
             raise TenantStoreUnavailable() from None
+        finally:
+            if conn is not None:
+                await self._pool.release(conn)
 
     async def _tenant_by(self, sql: str, value: str) -> Tenant | None:
         row = await self._run(lambda c: c.fetchrow(sql, value))

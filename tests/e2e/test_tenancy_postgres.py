@@ -371,7 +371,8 @@ async def test_postgres_down_serves_cached_and_refuses_cold_fast(
         await postgres_server.astop()
         try:
             await asyncio.sleep(0.3)  # let the cached entry pass its TTL (not synchronisation)
-            assert await _is(http, proxy, "videos.acme.test", 200)
+            got = await status_of(http, proxy, "videos.acme.test")
+            assert got[0] == 200, got[:2]
             started = time.monotonic()
             got = await status_of(http, proxy, f"cold{free_port()}.flatrender.test")
             assert got[:2] == (503, "tenant_store_unavailable")
@@ -381,8 +382,40 @@ async def test_postgres_down_serves_cached_and_refuses_cold_fast(
         finally:
             await postgres_server.astart()
         await within(5.0, lambda: _is(http, proxy, "acme.flatrender.test", 200))
-        async with http.get(f"http://127.0.0.1:{proxy.admin_port}/readyz") as r:
-            assert r.status == 200
+
+        async def ready() -> bool:
+            async with http.get(f"http://127.0.0.1:{proxy.admin_port}/readyz") as r:
+                return r.status == 200
+
+        await within(5.0, ready)  # the LISTEN link is back too
+    finally:
+        output = proxy.output()
+    assert "Traceback" not in output, output
+
+
+async def test_black_holed_postgres_costs_at_most_the_store_timeout(
+    dsn: str,
+    echo: Echo,
+    postgres_server: PostgresServer,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+) -> None:
+    """A database that accepts connections and never answers (SIGSTOP) must not hold
+    requests beyond ``store_timeout_s`` (1 s by default)."""
+    proxy = start_proxy(_config(tmp_path, echo), env={"DATABASE_URL": dsn})
+    try:
+        assert await _is(http, proxy, "videos.acme.test", 200)
+        postgres_server.pause()
+        try:
+            started = time.monotonic()
+            got = await status_of(http, proxy, f"hole{free_port()}.flatrender.test")
+            elapsed = time.monotonic() - started
+            assert got[:2] == (503, "tenant_store_unavailable")
+            assert elapsed < 1.5
+            assert await _is(http, proxy, "videos.acme.test", 200)  # cached: unaffected
+        finally:
+            postgres_server.resume()
+        await within(5.0, lambda: _is(http, proxy, "acme.flatrender.test", 200))
     finally:
         output = proxy.output()
     assert "Traceback" not in output, output
