@@ -1,4 +1,4 @@
-"""Command line (CONTRACT §1): ``serve`` and ``migrate``.
+"""Command line (CONTRACT §1): ``serve``, ``migrate`` and ``keys create|revoke``.
 
 Every failure the operator can cause (bad arguments, bad configuration, unreachable database)
 is one line on stderr and a non-zero exit, never a traceback.
@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
+import json
 import logging
 import os
 import sys
+import uuid
 from collections.abc import Sequence
 from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
 
 from proxy.settings import ConfigError, Settings, load_settings, parse_host_port
 
@@ -26,6 +33,19 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--admin-listen", help="HOST:PORT of the admin listener")
     serve.add_argument("--workers", type=int, default=1, help="processes sharing the port")
     sub.add_parser("migrate", help="apply sql/ to DATABASE_URL")
+    keys = sub.add_parser("keys", help="mint or revoke API keys in DATABASE_URL")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="mint a key; prints it once as JSON")
+    create.add_argument("--tenant", required=True, help="tenant slug")
+    create.add_argument("--name", required=True)
+    create.add_argument("--scope", action="append", default=[], help="repeatable")
+    create.add_argument("--rpm", type=int, default=600, help="requests per minute")
+    create.add_argument("--test", action="store_true", help="an fr_test_ key")
+    create.add_argument("--allow-ip", action="append", default=None, help="CIDR, repeatable")
+    create.add_argument("--expires", help="ISO 8601 time with a UTC offset")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key everywhere within a second")
+    revoke.add_argument("key_id", metavar="KEY_ID")
+    revoke.add_argument("--reason")
     return parser
 
 
@@ -71,6 +91,85 @@ def _migrate(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _create_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Validate everything before touching the database: nothing half-written."""
+    from proxy.core.apikeys import valid_scope
+
+    if not args.name.strip():
+        raise ConfigError("--name: must not be empty")
+    for scope in args.scope:
+        if not valid_scope(scope):
+            raise ConfigError(f"--scope: expected resource:action, resource:* or *, got {scope!r}")
+    if args.rpm <= 0:
+        raise ConfigError(f"--rpm: must be a positive integer, got {args.rpm}")
+    allowed = None
+    if args.allow_ip is not None:
+        try:
+            allowed = [str(ipaddress.ip_network(c, strict=False)) for c in args.allow_ip]
+        except ValueError as e:
+            raise ConfigError(f"--allow-ip: {e}") from None
+    expires = None
+    if args.expires:
+        try:
+            expires = datetime.fromisoformat(args.expires)
+        except ValueError:
+            raise ConfigError(f"--expires: not an ISO 8601 time: {args.expires!r}") from None
+        if expires.tzinfo is None:
+            raise ConfigError("--expires: needs a UTC offset (e.g. 2027-01-01T00:00:00Z)")
+        if expires <= datetime.now(UTC):
+            raise ConfigError("--expires: is in the past")
+    return {
+        "tenant_slug": args.tenant,
+        "name": args.name,
+        "environment": "test" if args.test else "live",
+        "scopes": args.scope,
+        "rpm": args.rpm,
+        "allowed_ips": allowed,
+        "expires_at": expires,
+    }
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from proxy.migrate import MigrationError, close_connection, open_connection
+    from proxy.stores.keyadmin import KeyAdminError, create_key, revoke_key
+
+    dsn = os.environ.get("DATABASE_URL")
+    if not dsn:
+        raise ConfigError("DATABASE_URL: required by keys")
+    if args.keys_command == "create":
+        fields = _create_args(args)
+    else:
+        try:
+            key_id = str(uuid.UUID(args.key_id))
+        except ValueError:
+            raise ConfigError(f"KEY_ID: not a UUID: {args.key_id!r}") from None
+
+    async def run() -> dict[str, object]:
+        conn = await open_connection(dsn)
+        try:
+            if args.keys_command == "create":
+                new = await create_key(conn, **fields)
+                return {
+                    "id": new.id,
+                    "key": new.key,
+                    "key_prefix": new.key_prefix,
+                    "last4": new.last4,
+                }
+            revoked_at = await revoke_key(conn, key_id, args.reason)
+            return {"id": key_id, "revoked_at": revoked_at.isoformat()}
+        finally:
+            await close_connection(conn)
+
+    try:
+        result = asyncio.run(run())
+    except (MigrationError, KeyAdminError) as e:
+        raise ConfigError(str(e)) from None
+    except asyncpg.PostgresError as e:
+        raise ConfigError(f"database refused: {' '.join(str(e).split())}") from None
+    print(json.dumps(result))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -79,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "keys":
+            return _keys(args)
         return _migrate(args)
     except ConfigError as e:
         print(f"flatrender-edge: error: {e}", file=sys.stderr)

@@ -32,10 +32,18 @@ from proxy.pipeline.ratelimit import ratelimit_stage
 from proxy.pipeline.routing import challenge_stage, route_stage, target_stage
 from proxy.pipeline.tenant import status_stage, tenant_stage
 from proxy.settings import ConfigError, Settings
-from proxy.stores.base import AuditSink, BucketStore, ChallengeStore, KeyStore, TenantStore
+from proxy.stores.base import (
+    AuditSink,
+    BucketStore,
+    ChallengeStore,
+    KeyStore,
+    TenantStore,
+    UsageSink,
+)
 from proxy.stores.buckets import MemoryBucketStore
 from proxy.stores.identity import CachedIdentityStore
 from proxy.stores.memory import load_embedded
+from proxy.stores.usage import NoUsage, UsageRecorder
 from proxy.upstreams import build_pools
 
 log = logging.getLogger("proxy")
@@ -56,6 +64,7 @@ class Stores:
     challenges: ChallengeStore
     buckets: BucketStore
     audit: AuditSink | None  # None: no route is audited
+    usage: UsageSink
     identity: CachedIdentityStore | None = None  # the Postgres-backed store, when configured
 
     async def start(self) -> None:
@@ -63,8 +72,11 @@ class Stores:
             await self.identity.start()
         if self.audit is not None:
             await self.audit.start()
+        await self.usage.start()
 
     async def close(self) -> None:
+        # Writers first, while the database pool is still open.
+        await self.usage.close()
         if self.audit is not None:
             await self.audit.close()
         if self.identity is not None:
@@ -84,7 +96,7 @@ def build_stores(settings: Settings) -> Stores:
     if settings.database_url is None:
         tenants, keys = load_embedded(settings.tenancy.embedded_file)
         audit = JsonlAuditSink(settings.audit.jsonl_path, settings.audit.flush_interval_ms)
-        return Stores(tenants, keys, tenants, buckets, audit)
+        return Stores(tenants, keys, tenants, buckets, audit, NoUsage())
     for i, route in enumerate(settings.routes):
         if route.audit:
             raise ConfigError(
@@ -97,7 +109,8 @@ def build_stores(settings: Settings) -> Stores:
         stale_if_error_s=t.stale_if_error_s,
         timeout_s=t.store_timeout_s,
     )
-    return Stores(identity, identity, identity, buckets, None, identity)
+    usage = UsageRecorder(identity.db.write_usage, settings.audit.flush_interval_ms / 1000)
+    return Stores(identity, identity, identity, buckets, None, usage, identity)
 
 
 def build_app(
@@ -116,7 +129,7 @@ def build_app(
     if stores.audit is not None:
         stages.append(audit_stage(stores.audit, clock))
     stages += [
-        auth_stage(stores.keys, stores.tenants, clock),
+        auth_stage(stores.keys, stores.tenants, stores.usage, clock),
         ratelimit_stage(stores.buckets, settings.ratelimit.shadow),
     ]
     app = web.Application(middlewares=stages)

@@ -42,8 +42,10 @@ __all__ = [
     "Migration",
     "MigrationError",
     "apply_migrations",
+    "close_connection",
     "describe_dsn",
     "discover_migrations",
+    "open_connection",
 ]
 
 DEFAULT_SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
@@ -199,6 +201,15 @@ async def _connect(
         message = f"cannot connect to database {where}: {_reason(exc)}"
         raise MigrationError(_scrub(message, password)) from exc
     return conn
+
+
+async def open_connection(dsn: str, *, connect_timeout: float = 10.0) -> asyncpg.Connection:
+    """Connect for a one-off command; failures are ``MigrationError`` with one clean line."""
+    return await _connect(dsn, describe_dsn(dsn), _password(dsn), connect_timeout)
+
+
+async def close_connection(conn: asyncpg.Connection) -> None:
+    await _close(conn)
 
 
 async def _close(conn: asyncpg.Connection) -> None:

@@ -95,6 +95,8 @@ class RouteSettings:
     scopes: Mapping[str, str] = field(default_factory=dict)
     audit: bool = False
     embed: bool = False
+    # Requests made with an fr_test_ key go here instead, when set (a staging render farm).
+    test_upstream: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +330,9 @@ def _route(t: _Table, upstreams: Mapping[str, UpstreamSettings]) -> RouteSetting
     upstream = t.text("upstream", "")
     if upstream not in upstreams:
         raise ConfigError(f"{t.key('upstream')}: unknown upstream {upstream!r}")
+    test_upstream = t.text("test_upstream", "") or None
+    if test_upstream is not None and test_upstream not in upstreams:
+        raise ConfigError(f"{t.key('test_upstream')}: unknown upstream {test_upstream!r}")
     auth = t.text("auth", "api_key")
     if auth not in ("api_key", "optional", "none"):
         raise ConfigError(f"{t.key('auth')}: expected api_key, optional or none, got {auth!r}")
@@ -345,6 +350,7 @@ def _route(t: _Table, upstreams: Mapping[str, UpstreamSettings]) -> RouteSetting
         scopes=scopes,
         audit=t.flag("audit", False),
         embed=t.flag("embed", False),
+        test_upstream=test_upstream,
     )
     t.finish()
     return s

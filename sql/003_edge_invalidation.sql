@@ -18,6 +18,14 @@ DECLARE
     domains text[] := '{}';
     prefixes text[] := '{}';
 BEGIN
+    -- The proxy's own batched usage writes (usage_count, last_used_at, last_used_ip, and the
+    -- updated_at they bump) change nothing a proxy caches: notifying them would evict every
+    -- active key once per flush and turn the cache into a query per key per flush.
+    IF TG_OP = 'UPDATE' AND TG_TABLE_NAME = 'tenant_api_keys'
+       AND o - '{usage_count,last_used_at,last_used_ip,updated_at}'::text[]
+         = n - '{usage_count,last_used_at,last_used_ip,updated_at}'::text[] THEN
+        RETURN NULL;
+    END IF;
     IF TG_TABLE_NAME = 'tenants' THEN
         tid := (r ->> 'id')::uuid;
         slugs := ARRAY[o ->> 'slug', n ->> 'slug'];

@@ -157,3 +157,20 @@ def presented_key(authorization: str | None, x_api_key: str | None) -> str | Non
     if from_bearer is not None and from_header is not None and from_bearer != from_header:
         return ""  # ambiguous: matches no key, so it is refused as invalid
     return from_header if from_header is not None else from_bearer
+
+
+_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+SECRET_LEN = 43  # 43 base62 characters carry 256 bits (the issue asks for at least 192)
+_SCOPE = re.compile(r"\*|[a-z][a-z0-9_-]*:(\*|[a-z][a-z0-9_.-]*)")
+
+
+def mint_key(environment: Environment) -> str:
+    """A new key from the OS's CSPRNG (``secrets``); shown once, never stored."""
+    import secrets
+
+    return f"fr_{environment}_" + "".join(secrets.choice(_BASE62) for _ in range(SECRET_LEN))
+
+
+def valid_scope(scope: str) -> bool:
+    """``resource:action``, ``resource:*`` or ``*``."""
+    return _SCOPE.fullmatch(scope) is not None

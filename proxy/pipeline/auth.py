@@ -12,10 +12,12 @@ from proxy.context import CTX
 from proxy.core.apikeys import authorize, find_match, parse_key, presented_key, required_scope
 from proxy.core.tenancy import check_status
 from proxy.errors import InvalidApiKey, MissingApiKey
-from proxy.stores.base import KeyStore, TenantStore
+from proxy.stores.base import KeyStore, TenantStore, UsageSink
 
 
-def auth_stage(keys: KeyStore, tenants: TenantStore, clock: Callable[[], datetime]) -> Middleware:
+def auth_stage(
+    keys: KeyStore, tenants: TenantStore, usage: UsageSink, clock: Callable[[], datetime]
+) -> Middleware:
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = request[CTX]
@@ -49,6 +51,7 @@ def auth_stage(keys: KeyStore, tenants: TenantStore, clock: Callable[[], datetim
             check_status(owner, now)
             ctx.tenant = owner
         ctx.api_key = key
+        usage.record(key.id, now, ctx.client_ip or None)
         return await handler(request)
 
     return auth

@@ -93,8 +93,12 @@ class Forwarder:
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         ctx = request[CTX]
-        assert ctx.route is not None  # the route stage ran
-        pool = self._pools[ctx.route.upstream]
+        route = ctx.route
+        assert route is not None  # the route stage ran
+        test_key = ctx.api_key is not None and ctx.api_key.environment == "test"
+        pool = self._pools[
+            route.test_upstream if test_key and route.test_upstream else route.upstream
+        ]
         length = request.content_length
         if length is not None and length > self._max_body:
             raise PayloadTooLarge()

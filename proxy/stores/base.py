@@ -50,3 +50,12 @@ class AuditSink(Protocol):
 
     async def close(self) -> None:
         """Write everything submitted so far, then stop."""
+
+
+class UsageSink(Protocol):
+    def record(self, key_id: str, at: datetime, ip: str | None) -> None:
+        """Count one use of a key; never waits."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -23,6 +23,7 @@ import orjson
 from proxy.core.apikeys import ApiKey
 from proxy.core.tenancy import Branding, Tenant
 from proxy.errors import TenantStoreUnavailable
+from proxy.stores.usage import KeyUsage
 
 log = logging.getLogger("proxy.postgres")
 CHANNEL = "flatrender_edge"
@@ -49,6 +50,18 @@ SELECT id::text AS id, tenant_id::text AS tenant_id, environment::text AS enviro
        is_active, expires_at, revoked_at
   FROM identity.tenant_api_keys
  WHERE key_prefix = $1
+"""
+
+# One statement per flush for every key used since the last one. last_used_* only move forward
+# (another proxy process may have written a later use already).
+WRITE_USAGE = """
+UPDATE identity.tenant_api_keys k
+   SET usage_count = k.usage_count + u.n,
+       last_used_ip = CASE WHEN k.last_used_at IS NULL OR u.at >= k.last_used_at
+                           THEN u.ip ELSE k.last_used_ip END,
+       last_used_at = GREATEST(k.last_used_at, u.at)
+  FROM unnest($1::uuid[], $2::bigint[], $3::timestamptz[], $4::inet[]) AS u(id, n, at, ip)
+ WHERE k.id = u.id
 """
 
 CHALLENGES_BY_DOMAIN = """
@@ -157,6 +170,18 @@ class PostgresStore:
     async def challenges(self, domain: str) -> tuple[tuple[str, datetime], ...]:
         rows = await self._run(lambda c: c.fetch(CHALLENGES_BY_DOMAIN, domain))
         return tuple((r["challenge_token"], r["expires_at"]) for r in rows)
+
+    async def write_usage(self, usage: Mapping[str, KeyUsage]) -> None:
+        ids = list(usage)
+        await self._run(
+            lambda c: c.execute(
+                WRITE_USAGE,
+                ids,
+                [usage[i].count for i in ids],
+                [usage[i].last_used_at for i in ids],
+                [usage[i].last_used_ip for i in ids],
+            )
+        )
 
     async def ping(self) -> bool:
         try:

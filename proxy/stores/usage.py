@@ -1,0 +1,91 @@
+"""API-key usage (``usage_count``, ``last_used_at``, ``last_used_ip``) aggregated in memory and
+written in one batched statement per flush interval, never per request (CONTRACT §5).
+
+A failed write is merged back into what accumulates next, so an outage delays counts rather
+than losing them; ``close`` writes the remainder (SIGTERM loses nothing that was recorded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from proxy.errors import TenantStoreUnavailable
+
+log = logging.getLogger("proxy.usage")
+
+
+@dataclass(slots=True)
+class KeyUsage:
+    count: int
+    last_used_at: datetime
+    last_used_ip: str | None
+
+    def merge(self, other: KeyUsage) -> None:
+        self.count += other.count
+        if other.last_used_at >= self.last_used_at:
+            self.last_used_at, self.last_used_ip = other.last_used_at, other.last_used_ip
+
+
+class UsageRecorder:
+    def __init__(
+        self,
+        write: Callable[[dict[str, KeyUsage]], Awaitable[None]],
+        interval_s: float,
+    ) -> None:
+        self._write = write
+        self._interval = interval_s
+        self._pending: dict[str, KeyUsage] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def record(self, key_id: str, at: datetime, ip: str | None) -> None:
+        usage = self._pending.get(key_id)
+        if usage is None:
+            self._pending[key_id] = KeyUsage(1, at, ip)
+        else:
+            usage.merge(KeyUsage(1, at, ip))
+
+    async def flush(self) -> None:
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, {}
+        try:
+            await self._write(batch)
+        except TenantStoreUnavailable:
+            for key_id, usage in batch.items():  # keep them for the next flush
+                if key_id in self._pending:
+                    usage.merge(self._pending[key_id])
+                self._pending[key_id] = usage
+            log.warning("key usage not written (%d keys pending)", len(self._pending))
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.flush()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.flush()
+
+
+class NoUsage:
+    """Embedded mode: there is no key table to write usage to."""
+
+    def record(self, key_id: str, at: datetime, ip: str | None) -> None:
+        pass
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
