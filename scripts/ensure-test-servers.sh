@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Make sure the binaries tests/servers.py starts are installed: redis-server and PostgreSQL's
-# initdb/postgres. Quick no-op when they are. Installs with apt-get only as root; never enables
+# Make sure the binaries the tests start are installed: redis-server and PostgreSQL's
+# initdb/postgres (tests/servers.py), and chromium (tests/e2e/test_browser_cors.py, headless).
+# Quick no-op when they are. Installs with apt-get only as root; never enables
 # or starts a system service (the tests run their own throwaway servers on random ports).
 set -euo pipefail
 
 have_redis() { command -v redis-server >/dev/null 2>&1; }
+have_chromium() { command -v chromium >/dev/null 2>&1; }
 have_initdb() {
     command -v initdb >/dev/null 2>&1 && return 0
     local f
@@ -17,6 +19,7 @@ have_initdb() {
 missing=()
 have_initdb || missing+=(postgresql)
 have_redis || missing+=(redis-server)
+have_chromium || missing+=(chromium)
 if [ "${#missing[@]}" -eq 0 ]; then
     exit 0
 fi
@@ -24,7 +27,8 @@ fi
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     echo "ensure-test-servers: missing ${missing[*]}; install them, e.g.:" >&2
     echo "  sudo apt-get install -y ${missing[*]}" >&2
-    echo "(tests need redis-server on PATH and initdb/postgres in PATH or /usr/lib/postgresql/*/bin)" >&2
+    echo "(tests need redis-server and chromium on PATH, and initdb/postgres in PATH or" >&2
+    echo " /usr/lib/postgresql/*/bin)" >&2
     exit 1
 fi
 
@@ -49,8 +53,9 @@ echo "ensure-test-servers: installing ${missing[*]}" >&2
 apt-get update -qq
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 
-if ! have_initdb || ! have_redis; then
-    echo "ensure-test-servers: installed ${missing[*]} but initdb or redis-server is still missing" >&2
+if ! have_initdb || ! have_redis || ! have_chromium; then
+    echo "ensure-test-servers: installed ${missing[*]} but initdb, redis-server or chromium" \
+        "is still missing" >&2
     exit 1
 fi
 echo "ensure-test-servers: ok" >&2
