@@ -22,7 +22,16 @@ import pytest_asyncio
 
 from proxy.migrate import apply_migrations
 from proxy.stores.keyadmin import create_key
-from tests.procs import ROOT, Echo, Proxy, start_echo, start_proxy, stop, write_config
+from tests.procs import (
+    ROOT,
+    Echo,
+    Proxy,
+    raw_request,
+    start_echo,
+    start_proxy,
+    stop,
+    write_config,
+)
 from tests.servers import PostgresServer
 
 ACME = "cccccccc-0000-0000-0000-000000000001"
@@ -206,6 +215,18 @@ async def test_every_outcome_of_contract_section_5(
     for headers, path, status, code in cases:
         got = await call(http, proxy, path, headers)
         assert got[:2] == (status, code), (headers, path)
+    # From an untrusted peer (127.0.0.2) the claimed X-Forwarded-For is discarded.
+    lines = [
+        "GET /v1/renders HTTP/1.1",
+        f"Host: {HOST}",
+        f"X-API-Key: {v4}",
+        "X-Forwarded-For: 203.0.113.7",
+        "Connection: close",
+        "",
+        "",
+    ]
+    untrusted = raw_request(proxy.port, "\r\n".join(lines).encode(), source="127.0.0.2")
+    assert untrusted.status == 403 and b"ip_not_allowed" in untrusted.body
     # Unknown and wrong keys are indistinguishable: same status, code and message.
     a = await call(http, proxy, "/v1/renders", {"X-API-Key": unknown})
     b = await call(http, proxy, "/v1/renders", {"X-API-Key": wrong_secret})
@@ -407,8 +428,24 @@ async def test_sigterm_writes_pending_usage(
 
 
 async def test_the_raw_key_leaks_nowhere(
-    proxy: Proxy, db: asyncpg.Connection, http: aiohttp.ClientSession, dsn: str
+    dsn: str,
+    echo: Echo,
+    staging: Echo,
+    db: asyncpg.Connection,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
 ) -> None:
+    """Upstream-received headers, the database and the proxy's own log output.
+    (Audit rows: the embedded JSON-lines file is checked in test_embedded.py.)"""
+    proxy = start_proxy(_config(tmp_path, echo, staging), env={"DATABASE_URL": dsn})
+    try:
+        await _exercise_key(proxy, db, http)
+    finally:
+        output = proxy.output()
+    assert "fr_live_" not in output and "Traceback" not in output
+
+
+async def _exercise_key(proxy: Proxy, db: asyncpg.Connection, http: aiohttp.ClientSession) -> None:
     kid, key = await mint(db)
     seen: list[str] = []
     for headers in ({"Authorization": f"Bearer {key}"}, {"X-API-Key": key}):
@@ -428,3 +465,32 @@ async def test_the_raw_key_leaks_nowhere(
     rows = await db.fetch("SELECT row_to_json(k)::text AS j FROM identity.tenant_api_keys k")
     assert all(key not in r["j"] and key[12:] not in r["j"] for r in rows)
     assert kid in "".join(seen)
+
+
+async def test_cached_keys_keep_working_while_postgres_is_down(
+    dsn: str,
+    echo: Echo,
+    staging: Echo,
+    db: asyncpg.Connection,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    postgres_server: PostgresServer,
+) -> None:
+    _, key = await mint(db)
+    _, cold = await mint(db)
+    config = _config(tmp_path, echo, staging)
+    config.write_text(config.read_text().replace("[tenancy]", "[tenancy]\ncache_ttl_s = 0.2", 1))
+    proxy = start_proxy(config, env={"DATABASE_URL": dsn})
+    try:
+        assert (await call(http, proxy, "/v1/renders/1", {"X-API-Key": key}))[0] == 200
+        await postgres_server.astop()
+        try:
+            await asyncio.sleep(0.3)  # past the cache TTL: stale-if-error is what serves now
+            assert (await call(http, proxy, "/v1/renders/1", {"X-API-Key": key}))[0] == 200
+            got = await call(http, proxy, "/v1/renders/1", {"X-API-Key": cold})
+            assert got[:2] == (503, "tenant_store_unavailable")
+        finally:
+            await postgres_server.astart()
+    finally:
+        output = proxy.output()
+    assert "Traceback" not in output
