@@ -23,6 +23,11 @@ from urllib.parse import urlsplit
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2 token
+# Every character a serialised http(s) origin can hold (RFC 6454 §6.2: ASCII, punycode host,
+# IPv6 in brackets). Checked before urlsplit, which silently deletes tabs and newlines
+# ("https://www.acme\t.test" would pass for www.acme.test) and accepts an empty "?" or "#",
+# spaces, "*" or "%" in a host (so "https://*.example.com" would match its own wildcard).
+_ORIGIN_CHARS = re.compile(r"[A-Za-z0-9.:/\[\]_-]+")
 MAX_AGE = "600"
 EXPOSE = (
     "X-Request-Id, X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset, "
@@ -32,7 +37,7 @@ EXPOSE = (
 
 def normalize_origin(origin: str) -> str | None:
     """``scheme://host[:port]`` in canonical form, or None when it is not a usable origin."""
-    if not origin or origin == "null":
+    if not origin or origin == "null" or not _ORIGIN_CHARS.fullmatch(origin):
         return None
     try:
         parts = urlsplit(origin)
@@ -137,7 +142,10 @@ def actual_headers(origin: str) -> dict[str, str]:
 
 def frame_ancestors(embed_enabled: bool, allowed_hosts: Iterable[str]) -> str:
     """CSP for studio embeds (CSP Level 3 §6.4.2 frame-ancestors)."""
-    hosts = [h for h in allowed_hosts if h and not any(c in h for c in " ;,'\"")]
+    # A source is one token of visible ASCII: whitespace of any kind (a tab as much as a space)
+    # separates sources and ";" ends the directive, so such a value could add "*" or another
+    # directive; a control character would make the header invalid.
+    hosts = [h for h in allowed_hosts if h and all("!" <= c <= "~" and c not in ";,'\"" for c in h)]
     if embed_enabled and hosts:
         return "frame-ancestors " + " ".join(hosts)
     return "frame-ancestors 'self'"

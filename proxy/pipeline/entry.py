@@ -82,7 +82,10 @@ async def stamp_response(request: web.BaseRequest, response: web.StreamResponse)
     headers["X-Request-Id"] = ctx.request_id
     for name, value in ctx.response_headers.items():
         if name == "Vary":
-            headers["Vary"] = merge_vary(headers.get("Vary"), value)
+            # An upstream may send several Vary lines (RFC 9110 §5.3: one list); setting the
+            # header replaces them all, so merge every one, not just the first.
+            upstream_vary = ", ".join(headers.getall("Vary", ()))
+            headers["Vary"] = merge_vary(upstream_vary or None, value)
         elif name == "Content-Security-Policy":
             headers.add(name, value)  # an upstream policy stays: browsers enforce both
         else:

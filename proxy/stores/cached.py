@@ -8,7 +8,8 @@ stale-if-error, and invalidation that cannot be undone by a racing load.
 - If a load fails, an entry past its TTL keeps serving for up to ``stale_if_error_s``
   (RFC 5861's stale-if-error, applied to our own cache); a key with nothing cached raises.
 - ``invalidate`` bumps a generation counter: a load that started before the invalidation still
-  answers its waiters but is not stored, so a NOTIFY can never be overwritten by older data.
+  answers its waiters but is not stored, so a NOTIFY can never be overwritten by older data;
+  and it is detached, so a caller arriving after the invalidation starts a fresh load.
 
 Bounded by ``cachetools.TTLCache`` (LRU within the TTL), whose TTL is ``ttl + stale_if_error``
 so that stale entries survive exactly as long as they may be served.
@@ -89,7 +90,10 @@ class LoadingCache(Generic[K, V]):
             if generation == self._generation:
                 self._entries[key] = (value, self._clock())
         finally:
-            del self._inflight[key]
+            # An invalidation may have detached this load already (and a newer one taken its
+            # place): remove only our own.
+            if self._inflight.get(key) is fut:
+                del self._inflight[key]
         fut.set_result(value)
         return value
 
@@ -102,10 +106,14 @@ class LoadingCache(Generic[K, V]):
         self._generation += 1
         for key in keys:
             self._entries.pop(key, None)
+            # A load already running may have read the old row: callers that arrive from now
+            # on start a fresh one instead of joining it (its own waiters still get its value).
+            self._inflight.pop(key, None)
 
     def clear(self) -> None:
         self._generation += 1
         self._entries.clear()
+        self._inflight.clear()
 
     def __len__(self) -> int:
         return len(self._entries)

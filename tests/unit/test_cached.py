@@ -1,0 +1,319 @@
+"""proxy.stores.cached.LoadingCache: TTL, negative entries, single-flight, stale-if-error and
+invalidation, with a fake clock and a loader whose calls the test releases one by one."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+from proxy.errors import TenantStoreUnavailable
+from proxy.stores.cached import LoadingCache
+
+TTL = 30.0
+STALE = 60.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Loader:
+    """Reads ``values`` when a call starts (like a query's snapshot); with ``gated``, each call
+    then waits for its own event in ``gates``; fails at the end while ``fail`` is set."""
+
+    def __init__(self, values: dict[str, str] | None = None, *, gated: bool = False) -> None:
+        self.values = dict(values or {})
+        self.gated = gated
+        self.fail = False
+        self.calls: list[str] = []
+        self.gates: list[asyncio.Event] = []
+
+    async def __call__(self, key: str) -> str | None:
+        self.calls.append(key)
+        value = self.values.get(key)
+        if self.gated:
+            gate = asyncio.Event()
+            self.gates.append(gate)
+            await gate.wait()
+        if self.fail:
+            raise TenantStoreUnavailable()
+        return value
+
+
+async def until(condition: Callable[[], bool], max_turns: int = 10_000) -> None:
+    """Give the loop turns until ``condition`` holds (tasks run synchronously up to their
+    first real suspension, so this is a bounded poll, not a timing guess)."""
+    for _ in range(max_turns):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition not reached")
+
+
+def make(
+    loader: Loader, clock: Clock | None = None, **kwargs: float
+) -> LoadingCache[str, str | None]:
+    options: dict[str, float] = {"ttl_s": TTL, "stale_if_error_s": STALE, **kwargs}
+    return LoadingCache(
+        loader,
+        ttl_s=options["ttl_s"],
+        stale_if_error_s=options["stale_if_error_s"],
+        maxsize=int(options.get("maxsize", 100_000)),
+        clock=clock or Clock(),
+    )
+
+
+async def test_fresh_entries_are_served_without_loading() -> None:
+    loader = Loader({"a": "A"})
+    cache = make(loader)
+    assert await cache.get("a") == "A"
+    assert await cache.get("a") == "A"
+    assert loader.calls == ["a"]
+    assert (cache.hits, cache.misses) == (1, 1)
+    assert cache.peek("a") == "A"
+    assert cache.peek("b") is None
+    assert loader.calls == ["a"]  # peek never loads
+
+
+@pytest.mark.parametrize("stale", [0.0, STALE])
+async def test_ttl_expiry(stale: float) -> None:
+    clock = Clock()
+    loader = Loader({"a": "v1"})
+    cache = make(loader, clock, stale_if_error_s=stale)
+    assert await cache.get("a") == "v1"
+    loader.values["a"] = "v2"
+    clock.now += TTL - 0.001
+    assert await cache.get("a") == "v1"
+    assert loader.calls == ["a"]
+    clock.now += 0.001  # exactly ttl after the load: expired
+    assert await cache.get("a") == "v2"
+    assert loader.calls == ["a", "a"]
+    clock.now += TTL - 0.001
+    assert await cache.get("a") == "v2"
+    assert loader.calls == ["a", "a"]
+
+
+async def test_negative_entries_are_cached() -> None:
+    clock = Clock()
+    loader = Loader()
+    cache = make(loader, clock)
+    for _ in range(5):
+        assert await cache.get("nobody") is None
+    assert loader.calls == ["nobody"]
+    assert cache.hits == 4
+    loader.values["nobody"] = "now known"
+    clock.now += TTL
+    assert await cache.get("nobody") == "now known"
+    assert loader.calls == ["nobody", "nobody"]
+
+
+async def test_concurrent_cold_gets_share_one_load() -> None:
+    loader = Loader({"cold": "V"}, gated=True)
+    cache = make(loader)
+    arrived = 0
+
+    async def caller() -> str | None:
+        nonlocal arrived
+        arrived += 1  # get() runs from here to its first suspension without yielding
+        return await cache.get("cold")
+
+    tasks = [asyncio.create_task(caller()) for _ in range(1000)]
+    await until(lambda: arrived == 1000)
+    assert loader.calls == ["cold"]
+    loader.gates[0].set()
+    results = await asyncio.gather(*tasks)
+    assert results == ["V"] * 1000
+    assert loader.calls == ["cold"]
+    assert cache.misses == 1 and cache.hits == 0
+    assert await cache.get("cold") == "V"
+    assert loader.calls == ["cold"]
+
+
+async def test_failure_with_nothing_cached_fails_every_waiter() -> None:
+    loader = Loader({"k": "V"}, gated=True)
+    cache = make(loader)
+    loader.fail = True
+    tasks = [asyncio.create_task(cache.get("k")) for _ in range(100)]
+    await until(lambda: len(loader.gates) == 1)
+    loader.gates[0].set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, TenantStoreUnavailable) for r in results)
+    assert loader.calls == ["k"]
+    assert len(cache) == 0
+    # nothing is remembered about the failure: the next get tries the store again
+    loader.gated, loader.fail = False, False
+    assert await cache.get("k") == "V"
+    assert loader.calls == ["k", "k"]
+
+
+async def test_failure_serves_a_stale_entry_within_the_window() -> None:
+    clock = Clock()
+    loader = Loader({"k": "old"})
+    cache = make(loader, clock)
+    assert await cache.get("k") == "old"
+    loader.values["k"] = "new"
+    loader.fail = True
+    clock.now += TTL + 1
+    assert await cache.get("k") == "old"
+    assert cache.stale_served == 1
+    # every get past the TTL still asks the store (errors are not cached)...
+    clock.now += STALE - 2
+    assert await cache.get("k") == "old"
+    assert cache.stale_served == 2
+    assert loader.calls == ["k", "k", "k"]
+    # ...and the first success replaces the stale entry
+    loader.fail = False
+    assert await cache.get("k") == "new"
+    assert await cache.get("k") == "new"
+    assert loader.calls == ["k", "k", "k", "k"]
+    assert cache.stale_served == 2
+
+
+async def test_concurrent_waiters_of_a_failed_reload_get_the_stale_value() -> None:
+    clock = Clock()
+    loader = Loader({"k": "old"})
+    cache = make(loader, clock)
+    await cache.get("k")
+    clock.now += TTL
+    loader.gated, loader.fail = True, True
+    tasks = [asyncio.create_task(cache.get("k")) for _ in range(50)]
+    await until(lambda: len(loader.gates) == 1)
+    loader.gates[0].set()
+    assert await asyncio.gather(*tasks) == ["old"] * 50
+    assert loader.calls == ["k", "k"]
+    assert cache.stale_served == 1
+
+
+async def test_failure_beyond_ttl_plus_stale_raises() -> None:
+    clock = Clock()
+    loader = Loader({"k": "old"})
+    cache = make(loader, clock)
+    await cache.get("k")
+    loader.fail = True
+    clock.now += TTL + STALE - 0.001
+    assert await cache.get("k") == "old"
+    clock.now += 0.001
+    with pytest.raises(TenantStoreUnavailable):
+        await cache.get("k")
+    assert cache.stale_served == 1
+
+
+async def test_stale_entry_ages_from_its_original_load() -> None:
+    """Serving a stale value must not renew it: it still expires at ttl + stale."""
+    clock = Clock()
+    loader = Loader({"k": "old"})
+    cache = make(loader, clock)
+    await cache.get("k")
+    loader.fail = True
+    clock.now += TTL + 1
+    assert await cache.get("k") == "old"
+    clock.now += STALE
+    with pytest.raises(TenantStoreUnavailable):
+        await cache.get("k")
+
+
+async def test_invalidate_during_a_load_answers_its_waiters_but_does_not_store() -> None:
+    loader = Loader({"k": "old"}, gated=True)
+    cache = make(loader)
+    waiters = [asyncio.create_task(cache.get("k")) for _ in range(10)]
+    await until(lambda: len(loader.gates) == 1)
+    # the row changes after the load read it; the NOTIFY arrives while it is in flight
+    loader.values["k"] = "new"
+    cache.invalidate(["k"])
+    loader.gates[0].set()
+    assert await asyncio.gather(*waiters) == ["old"] * 10
+    assert len(cache) == 0
+    loader.gated = False
+    assert await cache.get("k") == "new"
+    assert loader.calls == ["k", "k"]
+    assert await cache.get("k") == "new"
+    assert loader.calls == ["k", "k"]
+
+
+async def test_a_get_after_invalidate_does_not_join_the_older_load() -> None:
+    loader = Loader({"k": "old"}, gated=True)
+    cache = make(loader)
+    before = asyncio.create_task(cache.get("k"))
+    await until(lambda: len(loader.gates) == 1)
+    loader.values["k"] = "new"
+    cache.invalidate(["k"])
+    after = [asyncio.create_task(cache.get("k")) for _ in range(10)]
+    await until(lambda: len(loader.gates) == 2)
+    # the older load finishing first must neither answer nor disturb the newer one
+    loader.gates[0].set()
+    assert await before == "old"
+    assert not any(t.done() for t in after)
+    loader.gates[1].set()
+    assert await asyncio.gather(*after) == ["new"] * 10
+    assert loader.calls == ["k", "k"]
+    assert await cache.get("k") == "new"
+    assert loader.calls == ["k", "k"]
+
+
+async def test_invalidated_stale_entry_is_not_served_on_failure() -> None:
+    clock = Clock()
+    loader = Loader({"k": "old"})
+    cache = make(loader, clock)
+    await cache.get("k")
+    clock.now += TTL + 1
+    loader.gated, loader.fail = True, True
+    task = asyncio.create_task(cache.get("k"))
+    await until(lambda: len(loader.gates) == 1)
+    cache.invalidate(["k"])
+    loader.gates[0].set()
+    with pytest.raises(TenantStoreUnavailable):
+        await task
+    assert cache.stale_served == 0
+
+
+async def test_invalidate_only_drops_the_named_keys() -> None:
+    loader = Loader({"a": "A", "b": "B"})
+    cache = make(loader)
+    await cache.get("a")
+    await cache.get("b")
+    cache.invalidate(["a", "missing"])
+    assert cache.peek("a") is None and cache.peek("b") == "B"
+    await cache.get("b")
+    assert loader.calls == ["a", "b"]
+    await cache.get("a")
+    assert loader.calls == ["a", "b", "a"]
+
+
+async def test_clear() -> None:
+    loader = Loader({"a": "A", "b": "B"})
+    cache = make(loader)
+    await cache.get("a")
+    await cache.get("b")
+    assert len(cache) == 2
+    cache.clear()
+    assert len(cache) == 0
+    await cache.get("a")
+    assert loader.calls == ["a", "b", "a"]
+    # a load in flight during clear() answers its waiter but is not stored
+    loader.gated = True
+    task = asyncio.create_task(cache.get("b"))
+    await until(lambda: len(loader.gates) == 1)
+    cache.clear()
+    loader.gates[0].set()
+    assert await task == "B"
+    assert cache.peek("b") is None
+
+
+async def test_maxsize_bounds_the_cache() -> None:
+    loader = Loader({str(i): f"v{i}" for i in range(50)})
+    cache = make(loader, maxsize=8)
+    for i in range(50):
+        assert await cache.get(str(i)) == f"v{i}"
+        assert len(cache) <= 8
+    assert len(cache) == 8
+    calls = len(loader.calls)
+    assert await cache.get("49") == "v49"  # the most recent entries stay
+    assert len(loader.calls) == calls
+    assert await cache.get("0") == "v0"  # the oldest was evicted
+    assert len(loader.calls) == calls + 1
