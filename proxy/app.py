@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from aiohttp import web
@@ -28,7 +28,7 @@ from proxy.pipeline.auth import auth_stage
 from proxy.pipeline.cors import cors_stage
 from proxy.pipeline.entry import entry_stage, stamp_response
 from proxy.pipeline.forward import Forwarder
-from proxy.pipeline.ratelimit import ratelimit_stage
+from proxy.pipeline.ratelimit import LimitCounters, ratelimit_stage
 from proxy.pipeline.routing import challenge_stage, route_stage, target_stage
 from proxy.pipeline.tenant import status_stage, tenant_stage
 from proxy.settings import ConfigError, Settings
@@ -43,6 +43,7 @@ from proxy.stores.base import (
 from proxy.stores.buckets import MemoryBucketStore
 from proxy.stores.identity import CachedIdentityStore
 from proxy.stores.memory import load_embedded
+from proxy.stores.redis import RedisBucketStore, make_client
 from proxy.stores.usage import NoUsage, UsageRecorder
 from proxy.upstreams import build_pools
 
@@ -51,10 +52,6 @@ log = logging.getLogger("proxy")
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-async def _always_ready() -> bool:
-    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +63,10 @@ class Stores:
     audit: AuditSink | None  # None: no route is audited
     usage: UsageSink
     identity: CachedIdentityStore | None = None  # the Postgres-backed store, when configured
+    limits: LimitCounters = field(default_factory=LimitCounters)
 
     async def start(self) -> None:
+        await self.buckets.start()
         if self.identity is not None:
             await self.identity.start()
         if self.audit is not None:
@@ -81,18 +80,36 @@ class Stores:
             await self.audit.close()
         if self.identity is not None:
             await self.identity.close()
+        await self.buckets.close()
 
-    def ready(self) -> Awaitable[bool]:
-        return self.identity.ready() if self.identity is not None else _always_ready()
+    async def ready(self) -> bool:
+        identity = await self.identity.ready() if self.identity is not None else True
+        return identity and await self.buckets.ready()
+
+
+def build_buckets(settings: Settings) -> BucketStore:
+    """Redis when ``REDIS_URL`` is set (shared by every process), else in-process buckets."""
+    r = settings.ratelimit
+    if settings.redis_url is None:
+        return MemoryBucketStore()
+    deadline = r.timeout_ms / 1000
+    client = make_client(
+        settings.redis_url, settings.redis_mode, settings.redis_sentinel_service, deadline
+    )
+    return RedisBucketStore(
+        client,
+        cluster=settings.redis_mode == "cluster",
+        deadline_s=deadline,
+        failure_mode=r.failure_mode,
+        expected_instances=r.expected_instances,
+    )
 
 
 def build_stores(settings: Settings) -> Stores:
     # Stores that have not been built yet are refused rather than quietly replaced: never
     # pretend that per-process buckets are the shared limit an operator configured, and never
     # drop the audit rows of a database deployment.
-    if settings.redis_url is not None:
-        raise ConfigError("REDIS_URL: the Redis bucket store is not available in this version")
-    buckets = MemoryBucketStore()
+    buckets = build_buckets(settings)
     if settings.database_url is None:
         tenants, keys = load_embedded(settings.tenancy.embedded_file)
         audit = JsonlAuditSink(settings.audit.jsonl_path, settings.audit.flush_interval_ms)
@@ -130,7 +147,7 @@ def build_app(
         stages.append(audit_stage(stores.audit, clock))
     stages += [
         auth_stage(stores.keys, stores.tenants, stores.usage, clock),
-        ratelimit_stage(stores.buckets, settings.ratelimit.shadow),
+        ratelimit_stage(stores.buckets, settings.ratelimit, stores.limits),
     ]
     app = web.Application(middlewares=stages)
     forwarder = Forwarder(pools, settings.server.max_body_bytes)

@@ -96,6 +96,10 @@ class RateLimited(ProxyError):
     status, code, message = 429, "rate_limited", "rate limit exceeded"
 
 
+class RateLimiterUnavailable(ProxyError):
+    status, code, message = 503, "rate_limiter_unavailable", "rate limiter unavailable"
+
+
 class PayloadTooLarge(ProxyError):
     status, code, message = 413, "payload_too_large", "request body exceeds the size limit"
 

@@ -29,6 +29,8 @@ class Decision:
 
 
 def take(state: BucketState | None, capacity: int, now: float) -> tuple[BucketState, Decision]:
+    """One request against a bucket at time ``now``; the Lua script in ``stores.redis`` is this
+    function line for line, with Redis's clock."""
     rate = capacity / WINDOW_S
     if state is None:
         tokens = float(capacity)
@@ -38,26 +40,35 @@ def take(state: BucketState | None, capacity: int, now: float) -> tuple[BucketSt
     allowed = tokens >= 1.0
     if allowed:
         tokens -= 1.0
-    retry_after = 0 if allowed else max(1, math.ceil((1.0 - tokens) / rate))
-    decision = Decision(
+    return BucketState(tokens, now), decide(allowed, tokens, capacity)
+
+
+def decide(allowed: bool, tokens: float, capacity: int) -> Decision:
+    """The decision (and its headers' figures) from the tokens left after the request."""
+    rate = capacity / WINDOW_S
+    return Decision(
         allowed=allowed,
         limit=capacity,
         remaining=int(tokens),
         reset_s=math.ceil((capacity - tokens) / rate),
-        retry_after_s=retry_after,
+        retry_after_s=0 if allowed else max(1, math.ceil((1.0 - tokens) / rate)),
     )
-    return BucketState(tokens, now), decision
 
 
-def limit_headers(d: Decision) -> dict[str, str]:
+def seconds_until_token(tokens: float, capacity: int) -> float:
+    """How long until a bucket holding ``tokens`` has one to give."""
+    return max(0.0, (1.0 - tokens) * WINDOW_S / capacity)
+
+
+def limit_headers(d: Decision, policy: str = "key") -> dict[str, str]:
     """The headers every keyed response carries: the X-RateLimit trio and the IETF draft pair
     (draft-ietf-httpapi-ratelimit-headers: ``RateLimit-Policy`` and ``RateLimit``)."""
     headers = {
         "X-RateLimit-Limit": str(d.limit),
         "X-RateLimit-Remaining": str(d.remaining),
         "X-RateLimit-Reset": str(d.reset_s),
-        "RateLimit-Policy": f'"key";q={d.limit};w={int(WINDOW_S)}',
-        "RateLimit": f'"key";r={d.remaining};t={d.reset_s}',
+        "RateLimit-Policy": f'"{policy}";q={d.limit};w={int(WINDOW_S)}',
+        "RateLimit": f'"{policy}";r={d.remaining};t={d.reset_s}',
     }
     if not d.allowed:
         headers["Retry-After"] = str(d.retry_after_s)

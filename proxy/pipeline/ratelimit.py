@@ -1,6 +1,10 @@
-"""Rate-limit stage: one token per keyed request, headers on every keyed answer (CONTRACT §6)."""
+"""Rate-limit stage (CONTRACT §6): one token per request from the key's bucket, or, for
+requests without a key on "none"/"optional" routes, from the client IP's bucket in its tenant
+when ``anonymous_rpm`` is set. The headers go on every such answer, errors included."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -8,21 +12,42 @@ from aiohttp.typedefs import Handler, Middleware
 from proxy.context import CTX
 from proxy.core.bucket import limit_headers
 from proxy.errors import RateLimited
+from proxy.settings import RatelimitSettings
 from proxy.stores.base import BucketStore
 
 
-def ratelimit_stage(buckets: BucketStore, shadow: bool) -> Middleware:
+@dataclass(slots=True)
+class LimitCounters:
+    allowed: int = 0
+    rejected: int = 0
+    shadow_rejected: int = 0  # would have been rejected, served because of shadow mode
+
+
+def ratelimit_stage(
+    buckets: BucketStore, settings: RatelimitSettings, counters: LimitCounters
+) -> Middleware:
+    anonymous_rpm = settings.anonymous_rpm
+
     @web.middleware
     async def ratelimit(request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = request[CTX]
-        key = ctx.api_key
-        if key is None:
+        tenant, route, key = ctx.tenant, ctx.route, ctx.api_key
+        assert tenant is not None and route is not None  # earlier stages ran
+        if key is not None:
+            bucket, capacity, policy = f"key:{key.id}", key.rate_limit_rpm, "key"
+        elif anonymous_rpm and route.auth != "api_key":
+            bucket, capacity, policy = f"ip:{tenant.id}:{ctx.client_ip}", anonymous_rpm, "ip"
+        else:
             return await handler(request)
-        decision = await buckets.take(f"key:{key.id}", key.rate_limit_rpm)
-        # Headers go on the context so they reach error answers and upstream answers alike.
-        ctx.response_headers.update(limit_headers(decision))
-        assert ctx.tenant is not None
-        if not decision.allowed and not (shadow or ctx.tenant.features.get("ratelimit_shadow")):
+        decision = await buckets.take(bucket, capacity)
+        # On the context, so they reach error answers and upstream answers alike.
+        ctx.response_headers.update(limit_headers(decision, policy))
+        if decision.allowed:
+            counters.allowed += 1
+        elif settings.shadow or tenant.features.get("ratelimit_shadow") is True:
+            counters.shadow_rejected += 1
+        else:
+            counters.rejected += 1
             raise RateLimited()
         return await handler(request)
 

@@ -40,6 +40,13 @@ class BucketStore(Protocol):
     async def take(self, bucket: str, capacity: int) -> Decision:
         """Take one token from ``bucket`` (capacity ``capacity`` per minute) if there is one."""
 
+    async def ready(self) -> bool:
+        """False when decisions cannot be made as configured."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
 
 class AuditSink(Protocol):
     def submit(self, record: AuditRecord) -> None:

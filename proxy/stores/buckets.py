@@ -28,3 +28,12 @@ class MemoryBucketStore:
         state, decision = take(self._buckets.get(bucket), capacity, self._clock())
         self._buckets[bucket] = state
         return decision
+
+    async def ready(self) -> bool:
+        return True
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass

@@ -1,0 +1,266 @@
+"""Token buckets in Redis, shared by every proxy process (CONTRACT §6).
+
+Why each piece is here:
+
+- **One Lua script** implements ``core.bucket.take`` for a whole batch of checks, with Redis's
+  own clock (``TIME``), so decisions are exact across any number of processes and immune to
+  their clock skew. A rejected check writes back only the refill, taking no token.
+- **Batching per event-loop turn**: checks arriving in the same turn go to Redis as ONE script
+  call (per hash slot in cluster mode, where each key id is its own hash tag), so the Redis cost
+  per request falls as load rises. ``commands_sent`` counts what was really sent.
+- **Known-over-limit short-cut**: after Redis rejects a key, further checks for it are rejected
+  locally until a token can exist again. It only ever rejects, never grants, so no token is
+  granted that Redis did not grant.
+- **A deadline per call and no retries**: redis-py's defaults (seconds of socket timeout,
+  retries with backoff) would stall every request while Redis is gone.
+- **A circuit breaker**: the first failed call (refused, reset, or no answer within the
+  deadline) opens it; while open nobody waits on Redis at all, and a background probe closes it
+  again as soon as Redis answers. A dead or black-holed Redis thus costs one deadline, not one
+  per request. ``failure_mode = "open"`` answers from an in-process bucket of
+  ``rpm / expected_instances``; ``"closed"`` answers 503 ``rate_limiter_unavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.core.bucket import Decision, decide, seconds_until_token
+from proxy.errors import RateLimiterUnavailable
+from proxy.stores.buckets import MemoryBucketStore
+
+log = logging.getLogger("proxy.ratelimit")
+
+# KEYS: one bucket per check (a key may repeat: checks apply in order). ARGV: the capacity of
+# each check, then optionally a fixed "now" (tests only: the table shared with core.bucket).
+BATCH_SCRIPT = """
+local n = #KEYS
+local now
+if ARGV[n + 1] then
+  now = tonumber(ARGV[n + 1])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local out = {}
+for i = 1, n do
+  local capacity = tonumber(ARGV[i])
+  local rate = capacity / 60
+  local s = redis.call('HMGET', KEYS[i], 'tokens', 'ts')
+  local tokens = tonumber(s[1])
+  local ts = tonumber(s[2])
+  if tokens == nil or ts == nil then
+    tokens = capacity
+  else
+    local elapsed = now - ts
+    if elapsed < 0 then elapsed = 0 end
+    tokens = math.min(capacity, tokens + elapsed * rate)
+  end
+  local allowed = 0
+  if tokens >= 1 then
+    tokens = tokens - 1
+    allowed = 1
+  end
+  redis.call('HSET', KEYS[i], 'tokens', string.format('%.17g', tokens),
+             'ts', string.format('%.17g', now))
+  -- Gone once it would be full again: an absent bucket and a full one are the same.
+  redis.call('PEXPIRE', KEYS[i], math.ceil((capacity - tokens) / rate * 1000) + 1000)
+  out[#out + 1] = allowed
+  out[#out + 1] = string.format('%.17g', tokens)
+end
+return out
+"""
+
+
+def bucket_key(bucket: str) -> str:
+    """``{...}`` is a hash tag (Redis Cluster spec): one bucket, one slot, any node."""
+    return f"edge:rl:{{{bucket}}}"
+
+
+@dataclass(slots=True)
+class _Check:
+    bucket: str
+    capacity: int
+    future: asyncio.Future[Decision]
+
+
+class RedisBucketStore:
+    def __init__(
+        self,
+        client: Any,
+        *,
+        cluster: bool,
+        deadline_s: float,
+        failure_mode: str,
+        expected_instances: int = 1,
+        probe_interval_s: float = 0.25,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._client = client
+        self._cluster = cluster
+        self._deadline = deadline_s
+        self._fail_open = failure_mode == "open"
+        self._divisor = expected_instances
+        self._probe_interval = probe_interval_s
+        self._clock = clock
+        self._script = client.register_script(BATCH_SCRIPT)
+        self._fallback = MemoryBucketStore(clock=clock)
+        self._pending: list[_Check] = []
+        self._scheduled = False
+        # bucket -> (monotonic time it may have a token again, tokens then-known, capacity)
+        self._limited: dict[str, tuple[float, float, int, float]] = {}
+        self._open = False
+        self._probe: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self.commands_sent = 0
+        self.slowest_call_s = 0.0  # longest healthy round trip seen, event-loop lag included
+        self.checks = 0
+        self.shortcut_rejections = 0
+        self.degraded_decisions = 0
+
+    @property
+    def healthy(self) -> bool:
+        return not self._open
+
+    async def ready(self) -> bool:
+        """Fail-open is a degraded mode that covers an outage; fail-closed is not."""
+        return self._fail_open or not self._open
+
+    async def start(self) -> None:
+        pass
+
+    async def take(self, bucket: str, capacity: int) -> Decision:
+        self.checks += 1
+        now = self._clock()
+        limited = self._limited.get(bucket)
+        if limited is not None:
+            until, tokens, cap, at = limited
+            if now < until and cap == capacity:
+                self.shortcut_rejections += 1
+                return decide(False, tokens + (now - at) * capacity / 60, capacity)
+            del self._limited[bucket]
+        if self._open:
+            return await self._degraded(bucket, capacity)
+        future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Check(bucket, capacity, future))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return await future
+
+    async def _degraded(self, bucket: str, capacity: int) -> Decision:
+        if not self._fail_open:
+            raise RateLimiterUnavailable()
+        self.degraded_decisions += 1
+        return await self._fallback.take(bucket, max(1, capacity // self._divisor))
+
+    def _flush(self) -> None:
+        batch, self._pending, self._scheduled = self._pending, [], False
+        groups: dict[str, list[_Check]] = {}
+        if self._cluster:
+            for check in batch:  # one hash slot per bucket: one call per bucket
+                groups.setdefault(check.bucket, []).append(check)
+        else:
+            groups[""] = batch
+        started = self._clock()
+        for checks in groups.values():
+            task = asyncio.ensure_future(self._send(checks, started))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _send(self, checks: list[_Check], started: float) -> None:
+        keys = [bucket_key(c.bucket) for c in checks]
+        args = [c.capacity for c in checks]
+        try:
+            self.commands_sent += 1
+            async with asyncio.timeout(self._deadline):
+                reply = await self._script(keys=keys, args=args)
+        except Exception as e:  # every failure of the dependency, mapped here
+            self._trip(e)
+            for c in checks:
+                if c.future.done():
+                    continue
+                try:
+                    c.future.set_result(await self._degraded(c.bucket, c.capacity))
+                except RateLimiterUnavailable as err:
+                    c.future.set_exception(err)
+            return
+        now = self._clock()
+        self.slowest_call_s = max(self.slowest_call_s, now - started)
+        for i, c in enumerate(checks):
+            allowed, tokens = reply[2 * i] == 1, float(reply[2 * i + 1])
+            if not allowed:
+                wait = seconds_until_token(tokens, c.capacity)
+                self._limited[c.bucket] = (now + wait, tokens, c.capacity, now)
+            if not c.future.done():
+                c.future.set_result(decide(allowed, tokens, c.capacity))
+
+    def _trip(self, error: BaseException) -> None:
+        if self._open:
+            return
+        self._open = True
+        log.error(
+            "redis unavailable (%s): rate limiting %s",
+            type(error).__name__,
+            "from in-process buckets" if self._fail_open else "refuses requests (503)",
+        )
+        self._probe = asyncio.ensure_future(self._probe_until_healthy())
+
+    async def _probe_until_healthy(self) -> None:
+        while True:
+            await asyncio.sleep(self._probe_interval)
+            try:
+                async with asyncio.timeout(self._deadline):
+                    await self._client.ping()
+            except Exception:
+                continue
+            self._open = False
+            log.warning("redis answers again: exact rate limiting resumed")
+            return
+
+    async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self._client.aclose()
+
+
+def make_client(url: str, mode: str, sentinel_service: str | None, deadline_s: float) -> Any:
+    """A redis-py asyncio client for the deployment's topology, retries off (the store has
+    its own deadline and circuit breaker; redis-py's retries would multiply the wait)."""
+    from urllib.parse import urlsplit
+
+    from redis.asyncio import Redis, RedisCluster
+    from redis.asyncio.retry import Retry
+    from redis.asyncio.sentinel import Sentinel
+    from redis.backoff import NoBackoff
+
+    timeouts: dict[str, Any] = {
+        "socket_connect_timeout": deadline_s,
+        "socket_timeout": max(deadline_s, 1.0),
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if mode == "cluster":
+        return RedisCluster.from_url(url, **timeouts)
+    if mode == "sentinel":
+        parts = urlsplit(url)
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            [(parts.hostname or "127.0.0.1", parts.port or 26379)],
+            sentinel_kwargs={
+                "socket_connect_timeout": deadline_s,
+                "socket_timeout": max(deadline_s, 1.0),
+            },
+            password=parts.password,
+            **timeouts,
+        )
+        return sentinel.master_for(sentinel_service or "", **timeouts)
+    return Redis.from_url(url, **timeouts)
