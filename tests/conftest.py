@@ -18,9 +18,14 @@ import pytest_asyncio
 from proxy.migrate import apply_migrations
 
 try:  # tests/ is a package, so pytest put the rootdir on sys.path...
-    from tests.servers import PostgresServer, RedisServer
+    from tests.servers import PostgresServer, RedisClusterServer, RedisSentinelSet, RedisServer
 except ModuleNotFoundError:  # ...or it is not, and pytest put tests/ itself there
-    from servers import PostgresServer, RedisServer  # type: ignore[no-redef,import-not-found]
+    from servers import (  # type: ignore[no-redef,import-not-found]
+        PostgresServer,
+        RedisClusterServer,
+        RedisSentinelSet,
+        RedisServer,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +48,33 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServer]:
+    """A throwaway 3-master Redis Cluster for the whole session: ``.url``, ``.nodes``,
+    ``start(i)``/``stop(i)``/``kill_node(i)``. A test that takes a node down calls
+    ``astart()`` in a ``finally`` (it waits until the cluster is healthy again)."""
+    cluster = RedisClusterServer()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[RedisSentinelSet]:
+    """A throwaway master + replica + sentinel (service ``edge-master``) for the whole session:
+    ``.sentinel_url``, ``.master_port``, ``kill_master()``, ``wait_for_failover()``. A test that
+    fails the master over calls ``aheal()`` in a ``finally``: the roles stay swapped, but the
+    next test again gets a master with a synced replica behind one sentinel."""
+    sentinel_set = RedisSentinelSet()
+    try:
+        sentinel_set.start()
+        yield sentinel_set
+    finally:
+        sentinel_set.cleanup()
 
 
 @pytest_asyncio.fixture

@@ -32,20 +32,29 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import BinaryIO, Self, TypeAlias, TypeVar
 
 import asyncpg
 import psutil
 
-__all__ = ["MissingBinaryError", "PostgresServer", "RedisServer", "find_postgres_bindir"]
+__all__ = [
+    "MissingBinaryError",
+    "PostgresServer",
+    "RedisClusterServer",
+    "RedisSentinelSet",
+    "RedisServer",
+    "find_postgres_bindir",
+]
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
 _POLL_S = 0.02
 
 _LIVE: weakref.WeakSet[_Server] = weakref.WeakSet()
+_T = TypeVar("_T", bound="_Server")
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +162,7 @@ class _Server:
             attempts = 3 if first else 1  # a fresh random port can lose a race; a kept one cannot
             for attempt in range(attempts):
                 if first:
-                    self.port = _free_port()
+                    self.port = self._pick_port()
                 try:
                     self._spawn_and_wait()
                     return
@@ -232,6 +241,10 @@ class _Server:
     def _identity(self) -> _Identity:
         """Who the server process runs as: by default, whoever runs the tests."""
         return _Identity()
+
+    def _pick_port(self) -> int:
+        """The port for a first start (a subclass may need more free ports alongside it)."""
+        return _free_port()
 
     def _stop_signal(self) -> int:
         return signal.SIGTERM
@@ -506,6 +519,618 @@ class RedisServer(_Server):
         except OSError:
             return False
         return answer.startswith(b"+PONG")
+
+
+# -- Redis topologies: Cluster and Sentinel ---------------------------------------------------
+
+CLUSTER_SLOTS = 16384
+FAILOVER_TIMEOUT_S = 15.0
+
+_Resp: TypeAlias = bytes | int | list["_Resp"] | None
+
+
+class _RedisReplyError(RuntimeError):
+    """The server answered with a RESP error (``-ERR ...``, ``-LOADING ...``)."""
+
+
+def _read_resp(reader: BinaryIO) -> _Resp:
+    line = reader.readline()
+    if not line.endswith(b"\r\n"):
+        raise ConnectionError("connection closed mid-reply")
+    kind, rest = line[:1], line[1:-2]
+    if kind == b"+":
+        return rest
+    if kind == b"-":
+        raise _RedisReplyError(rest.decode(errors="replace"))
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        size = int(rest)
+        if size < 0:
+            return None
+        data = reader.read(size + 2)
+        if len(data) != size + 2:
+            raise ConnectionError("connection closed mid-reply")
+        return data[:-2]
+    if kind == b"*":
+        count = int(rest)
+        return None if count < 0 else [_read_resp(reader) for _ in range(count)]
+    raise ConnectionError(f"unexpected RESP reply {line!r}")
+
+
+def _redis_calls(port: int, *commands: Sequence[str], timeout_s: float = 1.0) -> list[_Resp]:
+    """Commands pipelined on one fresh loopback connection, RESP2, no client library: the
+    harness must not depend on the code under test, and it runs in any thread, inside a loop or
+    not. A RESP error reply raises :class:`_RedisReplyError`."""
+    parts: list[bytes] = []
+    for args in commands:
+        parts.append(f"*{len(args)}\r\n".encode())
+        for arg in args:
+            raw = arg.encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        sock.sendall(b"".join(parts))
+        with sock.makefile("rb") as reader:
+            return [_read_resp(reader) for _ in commands]
+
+
+def _redis_call(port: int, *args: str, timeout_s: float = 1.0) -> _Resp:
+    """One command on a fresh loopback connection (see :func:`_redis_calls`)."""
+    return _redis_calls(port, args, timeout_s=timeout_s)[0]
+
+
+def _redis_fields(port: int, *args: str) -> dict[str, str] | None:
+    """``INFO``-style ``key:value`` lines as a dict; None if the server does not answer."""
+    try:
+        reply = _redis_call(port, *args)
+    except (OSError, ValueError, _RedisReplyError):
+        return None
+    if not isinstance(reply, bytes):
+        return None
+    fields: dict[str, str] = {}
+    for line in reply.decode(errors="replace").splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def _deadline_poll(check: Callable[[], bool], timeout_s: float, what: Callable[[], str]) -> None:
+    """Call ``check`` until it is true; RuntimeError with ``what()`` once ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not within {timeout_s}s: {what()}")
+        time.sleep(_POLL_S)
+
+
+def _redis_cli() -> str:
+    found = shutil.which("redis-cli")
+    if not found:
+        raise MissingBinaryError(
+            "redis-cli not found on PATH: install the Debian package `redis-tools` "
+            "(a dependency of `redis-server`; scripts/ensure-test-servers.sh installs it)"
+        )
+    return found
+
+
+class _RedisClusterNode(RedisServer):
+    """One cluster-mode ``redis-server``; its cluster bus gets its own free port (``cluster-port``,
+    Redis 7+) instead of the default port+10000, which may be taken or above 65535."""
+
+    name = "redis-cluster-node"
+
+    def __init__(self, binary: str | None = None) -> None:
+        super().__init__(binary)
+        self.bus_port = 0
+
+    def _pick_port(self) -> int:
+        port = _free_port()
+        self.bus_port = _free_port()
+        while self.bus_port == port:
+            self.bus_port = _free_port()
+        return port
+
+    @property
+    def nodes_conf(self) -> Path:
+        return self.tmpdir / f"nodes-{self.port}.conf"
+
+    def _command(self) -> list[str]:
+        return [
+            *super()._command(),
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            str(self.nodes_conf),
+            "--cluster-port",
+            str(self.bus_port),
+            "--cluster-node-timeout",
+            "2000",
+        ]
+
+
+class RedisClusterServer:
+    """A real Redis Cluster: ``masters`` cluster-mode masters (no replicas) on free loopback ports,
+    joined by ``redis-cli --cluster create``, every slot assigned.
+
+    Each node is a :class:`RedisServer` with its own temp dir (``nodes-PORT.conf`` lives there and
+    survives restarts, so a restarted node rejoins with the same id and slots but empty data:
+    persistence is off). Nodes register with the harness like every server, so the atexit
+    clean-up kills them too.
+    """
+
+    name = "redis-cluster"
+
+    def __init__(self, masters: int = 3, binary: str | None = None) -> None:
+        if masters < 3:
+            raise ValueError("redis-cli --cluster create needs at least 3 masters")
+        self.cli = _redis_cli()
+        self.servers: list[RedisServer] = []
+        try:
+            for _ in range(masters):
+                self.servers.append(_RedisClusterNode(binary))
+        except BaseException:
+            self.cleanup()
+            raise
+        self.created = False
+        self._lock = threading.RLock()
+
+    # -- addresses ---------------------------------------------------------------------------
+
+    @property
+    def nodes(self) -> list[tuple[str, int]]:
+        """``(host, port)`` of every node, in index order (ports are 0 before the first start)."""
+        return [("127.0.0.1", server.port) for server in self.servers]
+
+    @property
+    def url(self) -> str:
+        """A startup URL for cluster clients: node 0 (any node would do while it runs)."""
+        return f"redis://127.0.0.1:{self.servers[0].port}"
+
+    @property
+    def running(self) -> bool:
+        return all(server.running for server in self.servers)
+
+    def node_for_slot(self, slot: int) -> tuple[str, int]:
+        """Which node serves ``slot`` right now, from ``CLUSTER SLOTS`` of a running node."""
+        for server in self.servers:
+            if not server.running:
+                continue
+            try:
+                reply = _redis_call(server.port, "CLUSTER", "SLOTS")
+            except (OSError, ValueError, _RedisReplyError):
+                continue
+            for entry in reply if isinstance(reply, list) else []:
+                if not isinstance(entry, list) or len(entry) < 3:
+                    continue
+                first, last, master = entry[0], entry[1], entry[2]
+                if not (isinstance(first, int) and isinstance(last, int)):
+                    continue
+                if first <= slot <= last and isinstance(master, list) and len(master) >= 2:
+                    port = master[1]
+                    if isinstance(port, int):
+                        return ("127.0.0.1", port)
+        raise RuntimeError(f"no running node of the cluster reports an owner for slot {slot}")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self, index: int | None = None, *, wait: bool = True) -> None:
+        """Start one node (``index``) or all of them, on their kept ports.
+
+        The first call starts every node whatever ``index`` says and creates the cluster. With
+        ``wait`` (and every node running afterwards) it returns once the cluster is healthy, see
+        :meth:`wait_healthy`; after a node was down for more than the node timeout (2 s) that can
+        take a few seconds, until the others clear its FAIL flag.
+        """
+        with self._lock:
+            targets = self.servers if index is None or not self.created else [self.servers[index]]
+            for server in targets:
+                server.start()
+            if not self.created:
+                self._create()
+                self.created = True
+            if wait and self.running:
+                self.wait_healthy()
+
+    def stop(self, index: int | None = None) -> None:
+        """Graceful shutdown of one node or all of them; data is gone, ``nodes-*.conf`` is not."""
+        for server in self._targets(index):
+            server.stop()
+
+    def kill_node(self, index: int) -> None:
+        """SIGKILL one node (a crash); :meth:`start` with the same index brings it back."""
+        self.servers[index].kill()
+
+    def kill(self, index: int | None = None) -> None:
+        for server in self._targets(index):
+            server.kill()
+
+    def pause_node(self, index: int) -> None:
+        self.servers[index].pause()
+
+    def resume_node(self, index: int) -> None:
+        self.servers[index].resume()
+
+    def cleanup(self) -> None:
+        """Kill every node and delete the temp dirs; the object is unusable afterwards."""
+        for server in self.servers:
+            server.cleanup()
+
+    def wait_healthy(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Until every node reports ``cluster_state:ok``, all 16384 slots assigned and ok (no
+        PFAIL/FAIL anywhere) and knows every node."""
+        states: dict[int, dict[str, str] | None] = {}
+
+        def healthy() -> bool:
+            for server in self.servers:
+                states[server.port] = _redis_fields(server.port, "CLUSTER", "INFO")
+            return all(self._node_healthy(info) for info in states.values())
+
+        def what() -> str:
+            summary = {
+                port: {k: v for k, v in (info or {}).items() if k.startswith("cluster_")}
+                for port, info in states.items()
+            }
+            return f"{self.name} not healthy: {summary}"
+
+        _deadline_poll(healthy, timeout_s, what)
+
+    async def astart(self, index: int | None = None, *, wait: bool = True) -> None:
+        await asyncio.to_thread(self.start, index, wait=wait)
+
+    async def astop(self, index: int | None = None) -> None:
+        await asyncio.to_thread(self.stop, index)
+
+    async def akill_node(self, index: int) -> None:
+        await asyncio.to_thread(self.kill_node, index)
+
+    async def await_healthy(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        await asyncio.to_thread(self.wait_healthy, timeout_s)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cleanup()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _targets(self, index: int | None) -> list[RedisServer]:
+        return self.servers if index is None else [self.servers[index]]
+
+    def _node_healthy(self, info: dict[str, str] | None) -> bool:
+        if info is None:
+            return False
+        return (
+            info.get("cluster_state") == "ok"
+            and info.get("cluster_slots_assigned") == str(CLUSTER_SLOTS)
+            and info.get("cluster_slots_ok") == str(CLUSTER_SLOTS)
+            and info.get("cluster_known_nodes") == str(len(self.servers))
+        )
+
+    def _create(self) -> None:
+        cmd = [self.cli, "--cluster", "create"]
+        cmd += [f"{host}:{port}" for host, port in self.nodes]
+        cmd += ["--cluster-replicas", "0", "--cluster-yes"]
+        try:
+            result = subprocess.run(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=START_TIMEOUT_S * 2,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeError(f"`{' '.join(cmd)}` hung:\n{exc.output!r}") from exc
+        if result.returncode != 0 or "[OK] All 16384 slots covered" not in result.stdout:
+            logs = "\n".join(f"--- node {s.port}:\n{s._log_tail()}" for s in self.servers)
+            raise RuntimeError(
+                f"`{' '.join(cmd)}` failed ({result.returncode}):\n"
+                f"{result.stdout}{result.stderr}\n{logs}"
+            )
+
+
+class _RedisDataNode(RedisServer):
+    """Master or replica of a :class:`RedisSentinelSet`: ``replicaof`` is read at every start,
+    so a restarted server comes back in the role the set currently gives it."""
+
+    name = "redis-data"
+
+    def __init__(self, binary: str | None = None) -> None:
+        super().__init__(binary)
+        self.replicaof: int | None = None
+
+    def _command(self) -> list[str]:
+        # No 5 s wait before the first full sync (the default for diskless replication).
+        cmd = [*super()._command(), "--repl-diskless-sync-delay", "0"]
+        if self.replicaof is not None:
+            cmd += ["--replicaof", "127.0.0.1", str(self.replicaof)]
+        return cmd
+
+    def replication(self) -> dict[str, str] | None:
+        return _redis_fields(self.port, "INFO", "replication")
+
+
+class _RedisSentinelProcess(_Server):
+    """``redis-server <conf> --sentinel``; the config file is written at the first start (the
+    sentinel rewrites it as it learns, so restarts keep what it knows)."""
+
+    name = "redis-sentinel"
+
+    def __init__(self, binary: str, service: str) -> None:
+        self.binary = binary
+        self.service = service
+        self.monitor_port = 0
+        self._conf_port = 0
+        super().__init__("edge-sentinel-")
+        self.conf_path = self.tmpdir / "sentinel.conf"
+
+    def _command(self) -> list[str]:
+        if self._conf_port != self.port:  # first start (or a retry on a fresh port)
+            svc = self.service
+            self.conf_path.write_text(
+                f"port {self.port}\n"
+                "bind 127.0.0.1\n"
+                "daemonize no\n"
+                f'dir "{self.tmpdir}"\n'
+                "loglevel notice\n"
+                "sentinel resolve-hostnames no\n"
+                f"sentinel monitor {svc} 127.0.0.1 {self.monitor_port} 1\n"
+                f"sentinel down-after-milliseconds {svc} 1000\n"
+                f"sentinel failover-timeout {svc} 3000\n"
+            )
+            self._conf_port = self.port
+        return [self.binary, str(self.conf_path), "--sentinel"]
+
+    def _ready(self) -> bool:
+        try:
+            return _redis_call(self.port, "PING") == b"PONG"
+        except (OSError, ValueError, _RedisReplyError):
+            return False
+
+    def master_address(self) -> tuple[str, int] | None:
+        """``SENTINEL get-master-addr-by-name``; None if unknown or the sentinel is down."""
+        try:
+            reply = _redis_call(self.port, "SENTINEL", "get-master-addr-by-name", self.service)
+        except (OSError, ValueError, _RedisReplyError):
+            return None
+        if isinstance(reply, list) and len(reply) == 2:
+            host, port = reply
+            if isinstance(host, bytes) and isinstance(port, bytes):
+                return host.decode(), int(port)
+        return None
+
+    def master_flags(self) -> set[str] | None:
+        """The ``flags`` of ``SENTINEL master`` (``{"master"}`` when all is well; also
+        ``s_down``, ``o_down``, ``disconnected``, ``failover_in_progress``); None if unknown."""
+        try:
+            reply = _redis_call(self.port, "SENTINEL", "master", self.service)
+        except (OSError, ValueError, _RedisReplyError):
+            return None
+        if not isinstance(reply, list):
+            return None
+        flat = [x.decode() if isinstance(x, bytes) else str(x) for x in reply]
+        flags = dict(zip(flat[::2], flat[1::2], strict=False)).get("flags")
+        return None if flags is None else set(flags.split(","))
+
+    def replicas(self) -> list[dict[str, str]]:
+        """``SENTINEL replicas``: one dict (``ip``, ``port``, ``flags``, ...) per replica."""
+        try:
+            reply = _redis_call(self.port, "SENTINEL", "replicas", self.service)
+        except (OSError, ValueError, _RedisReplyError):
+            return []
+        found: list[dict[str, str]] = []
+        for entry in reply if isinstance(reply, list) else []:
+            if isinstance(entry, list):
+                flat = [x.decode() if isinstance(x, bytes) else str(x) for x in entry]
+                found.append(dict(zip(flat[::2], flat[1::2], strict=False)))
+        return found
+
+
+class RedisSentinelSet:
+    """One master, one replica (``--replicaof``) and one sentinel watching them as ``service``
+    (quorum 1, down after 1 s, failover timeout 3 s), all on free loopback ports.
+
+    After :meth:`kill_master` the sentinel promotes the replica within a few seconds;
+    :meth:`wait_for_failover` waits for that and swaps the roles (``master``/``replica`` follow
+    the sentinel), and :meth:`heal` restarts the dead server as the new master's replica, so the
+    next test again has a master, a synced replica and a sentinel that can fail over. The three
+    processes register with the harness like every server (atexit clean-up included).
+    """
+
+    name = "redis-sentinel-set"
+
+    def __init__(self, binary: str | None = None, service: str = "edge-master") -> None:
+        found = binary or shutil.which("redis-server")
+        if not found:
+            raise MissingBinaryError(
+                "redis-server not found on PATH: install the Debian package `redis-server` "
+                "(scripts/ensure-test-servers.sh does it)"
+            )
+        self.service = service
+        self._servers: list[_Server] = []
+        try:
+            self.master = self._add(_RedisDataNode(found))
+            self.replica = self._add(_RedisDataNode(found))
+            self.sentinel = self._add(_RedisSentinelProcess(found, service))
+        except BaseException:
+            self.cleanup()
+            raise
+        self._lock = threading.RLock()
+
+    def _add(self, server: _T) -> _T:
+        self._servers.append(server)
+        return server
+
+    # -- addresses ---------------------------------------------------------------------------
+
+    @property
+    def sentinel_port(self) -> int:
+        return self.sentinel.port
+
+    @property
+    def sentinel_address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.sentinel.port)
+
+    @property
+    def sentinel_url(self) -> str:
+        return f"redis://127.0.0.1:{self.sentinel.port}"
+
+    @property
+    def master_port(self) -> int:
+        """Port of the current master as this object knows it (updated by
+        :meth:`wait_for_failover` / :meth:`heal`)."""
+        return self.master.port
+
+    @property
+    def replica_port(self) -> int:
+        return self.replica.port
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Start whatever is not running (first call: master, replica, sentinel) and wait until
+        the sentinel reports the master and the replica is in sync (see :meth:`wait_ready`)."""
+        with self._lock:
+            self._sync_roles()
+            self.master.replicaof = None
+            self.master.start()
+            self.replica.replicaof = self.master.port
+            self.replica.start()
+            if self.sentinel.monitor_port == 0:
+                self.sentinel.monitor_port = self.master.port
+            self.sentinel.start()
+            self.wait_ready(timeout_s)
+
+    heal = start  # after a failover: the old master comes back as the new master's replica
+
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Until the sentinel names our master with no flag but ``master`` (what sentinel
+        clients such as redis-py check), the master says ``role:master``, the replica says it is
+        linked to it, the sentinel lists the replica without down flags, and a write on the
+        master is acknowledged by the replica (``WAIT``)."""
+
+        def ready() -> bool:
+            if self.sentinel.master_address() != ("127.0.0.1", self.master.port):
+                return False
+            if self.sentinel.master_flags() != {"master"}:
+                return False  # e.g. "disconnected" for ~1 s after a failover or a restart
+            master = self.master.replication()
+            replica = self.replica.replication()
+            if master is None or master.get("role") != "master" or replica is None:
+                return False
+            if replica.get("role") != "slave" or replica.get("master_port") != str(
+                self.master.port
+            ):
+                return False
+            if replica.get("master_link_status") != "up":
+                return False
+            if not any(
+                entry.get("port") == str(self.replica.port)
+                and not {"s_down", "o_down", "disconnected"} & set(entry["flags"].split(","))
+                for entry in self.sentinel.replicas()
+                if "flags" in entry
+            ):
+                return False
+            return self._replica_acks()
+
+        _deadline_poll(ready, timeout_s, self._describe)
+
+    def kill_master(self) -> tuple[str, int]:
+        """SIGKILL the current master; returns its address. The sentinel notices after 1 s."""
+        with self._lock:
+            self.master.kill()
+            return ("127.0.0.1", self.master.port)
+
+    def wait_for_failover(self, timeout_s: float = FAILOVER_TIMEOUT_S) -> tuple[str, int]:
+        """Until the sentinel reports a master other than ours (the promoted replica) with no
+        flag but ``master`` and that server answers ``role:master``; swaps ``master``/``replica``
+        and returns the new master's address. The old master stays down: see :meth:`heal`."""
+        with self._lock:
+            old = self.master.port
+
+            def promoted() -> bool:
+                addr = self.sentinel.master_address()
+                if addr is None or addr[1] == old or self.sentinel.master_flags() != {"master"}:
+                    return False
+                info = _redis_fields(addr[1], "INFO", "replication")
+                return info is not None and info.get("role") == "master"
+
+            _deadline_poll(
+                promoted, timeout_s, lambda: f"no failover from {old}: {self._describe()}"
+            )
+            self._sync_roles()
+            return ("127.0.0.1", self.master.port)
+
+    def stop(self) -> None:
+        for server in self._servers:
+            server.stop()
+
+    def kill(self) -> None:
+        for server in self._servers:
+            server.kill()
+
+    def cleanup(self) -> None:
+        """Kill all three processes and delete their temp dirs."""
+        for server in self._servers:
+            server.cleanup()
+
+    async def astart(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        await asyncio.to_thread(self.start, timeout_s)
+
+    aheal = astart
+
+    async def akill_master(self) -> tuple[str, int]:
+        return await asyncio.to_thread(self.kill_master)
+
+    async def await_failover(self, timeout_s: float = FAILOVER_TIMEOUT_S) -> tuple[str, int]:
+        return await asyncio.to_thread(self.wait_for_failover, timeout_s)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cleanup()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _replica_acks(self) -> bool:
+        """Whether a write on the master reaches the replica now: ``PUBLISH`` (propagated to
+        replicas, touches no key) then ``WAIT 1 100`` on the same connection.
+
+        ``master_link_status:up`` is not enough: after a diskless full sync Redis 7 holds the
+        command stream back until the replica's first ``REPLCONF ACK``, up to a second later, and
+        until then writes are not replicated at all (a kill in that window loses them).
+        """
+        try:
+            replies = _redis_calls(
+                self.master.port,
+                ("PUBLISH", "__edge_harness__", "replication-probe"),
+                ("WAIT", "1", "100"),
+            )
+        except (OSError, ValueError, _RedisReplyError):
+            return False
+        return replies[1] == 1
+
+    def _sync_roles(self) -> None:
+        """If the sentinel moved the master to our replica, swap the two (idempotent)."""
+        addr = self.sentinel.master_address() if self.sentinel.running else None
+        if addr is not None and self.replica.port != 0 and addr[1] == self.replica.port:
+            self.master, self.replica = self.replica, self.master
+            self.master.replicaof = None
+            self.replica.replicaof = self.master.port
+
+    def _describe(self) -> str:
+        return (
+            f"sentinel {self.sentinel.port} reports {self.sentinel.master_address()} "
+            f"flags {self.sentinel.master_flags()}, "
+            f"replicas {self.sentinel.replicas()}; master {self.master.port} "
+            f"{self.master.replication()}; replica {self.replica.port} "
+            f"{self.replica.replication()}\n--- sentinel log:\n{self.sentinel._log_tail()}"
+        )
 
 
 def _quote_ident(name: str) -> str:

@@ -16,7 +16,7 @@ from proxy.core.bucket import BucketState, take
 from proxy.stores.redis import BATCH_SCRIPT, bucket_key
 from tests.e2e.test_embedded import _key_row, mint
 from tests.procs import Echo, Proxy, raw_request, start_proxy, stop, write_config
-from tests.servers import RedisServer
+from tests.servers import RedisClusterServer, RedisSentinelSet, RedisServer
 
 HOST = "videos.acme.test"
 ACME = "dddddddd-0000-0000-0000-000000000001"
@@ -342,3 +342,53 @@ async def test_anonymous_traffic_has_a_bucket_per_ip(
         assert get("127.0.0.4") == 200  # another client, another bucket
     finally:
         stop(proxy.proc)
+
+
+async def test_burst_is_exact_on_a_three_master_cluster(
+    echo: Echo, redis_cluster: RedisClusterServer, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    keys = {f"c{i}": (mint(), 60) for i in range(3)}
+    tenants = tenants_file(tmp_path / "t.toml", keys)
+    env = {"REDIS_URL": redis_cluster.url, "REDIS_MODE": "cluster"}
+    a = start_proxy(config(tmp_path, echo, tenants), env=env)
+    b = start_proxy(config(tmp_path, echo, tenants), env=env)
+    try:
+        for name, (key, _) in keys.items():
+            proxies = [a, b] if name != "c0" else [a]
+            assert (await burst(http, proxies, key, 200)).count(200) == 60, name
+        # The buckets are spread over the masters by their hash tags.
+        owners = {redis_cluster.node_for_slot(_slot(bucket_key(f"key:{key_id(n)}"))) for n in keys}
+        assert len(owners) >= 2
+    finally:
+        stop(a.proc)
+        stop(b.proc)
+
+
+def _slot(key: str) -> int:
+    from redis.crc import key_slot
+
+    return int(key_slot(key.encode()))
+
+
+async def test_burst_is_exact_through_sentinel(
+    echo: Echo, redis_sentinel: RedisSentinelSet, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    key = mint()
+    tenants = tenants_file(tmp_path / "t.toml", {"s": (key, 60)})
+    env = {
+        "REDIS_URL": redis_sentinel.sentinel_url,
+        "REDIS_MODE": "sentinel",
+        "REDIS_SENTINEL_SERVICE": redis_sentinel.service,
+    }
+    a = start_proxy(config(tmp_path, echo, tenants), env=env)
+    b = start_proxy(config(tmp_path, echo, tenants), env=env)
+    try:
+        assert (await burst(http, [a, b], key, 200)).count(200) == 60
+        master = aioredis.Redis(host="127.0.0.1", port=redis_sentinel.master_port)
+        try:
+            assert await master.exists(bucket_key(f"key:{key_id('s')}"))
+        finally:
+            await master.aclose()
+    finally:
+        stop(a.proc)
+        stop(b.proc)
