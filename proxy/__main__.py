@@ -1,4 +1,4 @@
-"""Command line (CONTRACT §1): ``serve``, ``migrate`` and ``keys create|revoke``.
+"""The command line of CONTRACT §1: serve, migrate, partitions ensure, keys create|revoke.
 
 Every failure the operator can cause (bad arguments, bad configuration, unreachable database)
 is one line on stderr and a non-zero exit, never a traceback.
@@ -17,15 +17,23 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import asyncpg
 
 from proxy.settings import ConfigError, Settings, load_settings, parse_host_port
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors are one line like ours (CONTRACT §1), not usage + error.
+    Sub-command parsers are made of the same class, so they inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flatrender-edge", description="FlatRender edge proxy")
+    parser = _Parser(prog="flatrender-edge", description="FlatRender edge proxy")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the proxy")
     serve.add_argument("--config", help="TOML file (default: $EDGE_CONFIG or config/edge.toml)")
@@ -33,6 +41,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--admin-listen", help="HOST:PORT of the admin listener")
     serve.add_argument("--workers", type=int, default=1, help="processes sharing the port")
     sub.add_parser("migrate", help="apply sql/ to DATABASE_URL")
+    partitions = sub.add_parser("partitions", help="monthly partitions of the audit log")
+    partitions_sub = partitions.add_subparsers(
+        dest="partitions_command", metavar="ensure", required=True
+    )
+    ensure = partitions_sub.add_parser(
+        "ensure", help="create this month's partition and the next N months'"
+    )
+    # Read as text and checked by us: argparse's own type errors print two lines (usage too).
+    ensure.add_argument("--months-ahead", metavar="N", default=str(MONTHS_AHEAD_DEFAULT))
     keys = sub.add_parser("keys", help="mint or revoke API keys in DATABASE_URL")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="mint a key; prints it once as JSON")
@@ -58,20 +75,51 @@ def _with_overrides(settings: Settings, args: argparse.Namespace) -> Settings:
     return replace(settings, server=server)
 
 
+def _check_bindable(settings: Settings) -> None:
+    """Fail with one line before forking workers, not with N tracebacks after."""
+    import socket
+
+    for key, hp in (
+        ("--listen", settings.server.listen),
+        ("--admin-listen", settings.server.admin_listen),
+    ):
+        family = socket.AF_INET6 if ":" in hp.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                sock.bind((hp.host, hp.port))
+            except OSError as e:
+                raise ConfigError(f"{key}: cannot listen on {hp}: {e.strerror or e}") from None
+
+
 def _serve(args: argparse.Namespace) -> int:
     from proxy.app import build_stores, serve
+    from proxy.supervisor import run_workers
 
-    if args.workers != 1:
-        raise ConfigError("--workers: only 1 is supported in this version")
-    settings = _with_overrides(load_settings(os.environ, args.config), args)
-    stores = build_stores(settings)
-    try:
+    if args.workers < 1:
+        raise ConfigError(f"--workers: must be at least 1, got {args.workers}")
+
+    def load() -> Settings:
+        return _with_overrides(load_settings(os.environ, args.config), args)
+
+    settings = load()
+    build_stores(settings)  # validates the stores' configuration (embedded file...) up front
+    _check_bindable(settings)
+
+    def worker() -> int:
         import uvloop
 
-        uvloop.run(serve(settings, stores))
-    except OSError as e:
-        raise ConfigError(f"cannot listen: {e.strerror or e}") from None
-    return 0
+        try:
+            uvloop.run(serve(settings, build_stores(settings), load))
+        except OSError as e:
+            print(f"flatrender-edge: error: cannot listen: {e.strerror or e}", file=sys.stderr)
+            return 2
+        return 0
+
+    if args.workers == 1:
+        return worker()
+    return run_workers(args.workers, worker)
 
 
 def _migrate(_args: argparse.Namespace) -> int:
@@ -88,6 +136,47 @@ def _migrate(_args: argparse.Namespace) -> int:
         print(f"applied {name}")
     if not applied:
         print("nothing to apply")
+    return 0
+
+
+MONTHS_AHEAD_DEFAULT = 3
+MONTHS_AHEAD_MAX = 120  # ten years: a typo must not create thousands of tables
+
+
+def _partitions(args: argparse.Namespace) -> int:
+    from proxy.audit.partitions import Partition, ensure_partition, month_of, months_from
+    from proxy.migrate import MigrationError, close_connection, open_connection
+
+    text = args.months_ahead.strip()
+    if not text.isdigit() or int(text) > MONTHS_AHEAD_MAX:
+        raise ConfigError(
+            f"--months-ahead: expected a whole number from 0 to {MONTHS_AHEAD_MAX}, "
+            f"got {args.months_ahead!r}"
+        )
+    dsn = os.environ.get("DATABASE_URL")
+    if not dsn:
+        raise ConfigError("DATABASE_URL: required by partitions")
+    months = months_from(month_of(datetime.now(UTC)), int(text))
+
+    async def run() -> list[Partition]:
+        conn = await open_connection(dsn)
+        try:
+            return [await ensure_partition(conn, m) for m in months]
+        finally:
+            await close_connection(conn)
+
+    try:
+        made = asyncio.run(run())
+    except MigrationError as e:
+        raise ConfigError(str(e)) from None
+    except (asyncpg.InvalidSchemaNameError, asyncpg.UndefinedFunctionError):
+        raise ConfigError("database not migrated: run `python -m proxy migrate` first") from None
+    except asyncpg.PostgresError as e:
+        raise ConfigError(f"database refused: {' '.join(str(e).split())}") from None
+    except (OSError, TimeoutError, asyncpg.InterfaceError) as e:
+        raise ConfigError(f"database connection lost: {type(e).__name__}") from None
+    for p in made:
+        print(f"{'created' if p.created else 'exists'} identity.{p.name}")
     return 0
 
 
@@ -180,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "keys":
             return _keys(args)
+        if args.command == "partitions":
+            return _partitions(args)
         return _migrate(args)
     except ConfigError as e:
         print(f"flatrender-edge: error: {e}", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -20,8 +21,8 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from proxy.audit.jsonl import JsonlAuditSink
+from proxy.audit.postgres import PostgresAuditSink
 from proxy.core.hosts import BadHost, normalize_host
-from proxy.core.routes import RouteTable
 from proxy.errors import TenantStoreUnavailable
 from proxy.pipeline.audit import audit_stage
 from proxy.pipeline.auth import auth_stage
@@ -45,9 +46,10 @@ from proxy.stores.identity import CachedIdentityStore
 from proxy.stores.memory import load_embedded
 from proxy.stores.redis import RedisBucketStore, make_client
 from proxy.stores.usage import NoUsage, UsageRecorder
-from proxy.upstreams import build_pools
+from proxy.upstreams import Routing
 
 log = logging.getLogger("proxy")
+ROUTING = web.AppKey("routing", Routing)
 
 
 def utc_now() -> datetime:
@@ -114,11 +116,6 @@ def build_stores(settings: Settings) -> Stores:
         tenants, keys = load_embedded(settings.tenancy.embedded_file)
         audit = JsonlAuditSink(settings.audit.jsonl_path, settings.audit.flush_interval_ms)
         return Stores(tenants, keys, tenants, buckets, audit, NoUsage())
-    for i, route in enumerate(settings.routes):
-        if route.audit:
-            raise ConfigError(
-                f"routes[{i}].audit: auditing to Postgres is not available in this version"
-            )
     t = settings.tenancy
     identity = CachedIdentityStore(
         settings.database_url,
@@ -127,13 +124,14 @@ def build_stores(settings: Settings) -> Stores:
         timeout_s=t.store_timeout_s,
     )
     usage = UsageRecorder(identity.db.write_usage, settings.audit.flush_interval_ms / 1000)
-    return Stores(identity, identity, identity, buckets, None, usage, identity)
+    audit_db = PostgresAuditSink(settings.database_url, settings.audit)
+    return Stores(identity, identity, identity, buckets, audit_db, usage, identity)
 
 
 def build_app(
     settings: Settings, stores: Stores, clock: Callable[[], datetime] = utc_now
 ) -> web.Application:
-    pools = build_pools(settings.upstreams)
+    routing = Routing(settings)
     stages: list[Middleware] = [
         entry_stage(settings.server.trusted_proxies),
         target_stage,
@@ -141,7 +139,7 @@ def build_app(
         tenant_stage(stores.tenants, settings.tenancy.platform_domains),
         cors_stage,
         status_stage(clock),
-        route_stage(RouteTable(settings.routes)),
+        route_stage(routing),
     ]
     if stores.audit is not None:
         stages.append(audit_stage(stores.audit, clock))
@@ -150,7 +148,8 @@ def build_app(
         ratelimit_stage(stores.buckets, settings.ratelimit, stores.limits),
     ]
     app = web.Application(middlewares=stages)
-    forwarder = Forwarder(pools, settings.server.max_body_bytes)
+    app[ROUTING] = routing
+    forwarder = Forwarder(routing, settings.server.max_body_bytes)
     app.router.add_route("*", "/{tail:.*}", forwarder)
     app.on_response_prepare.append(stamp_response)
 
@@ -159,20 +158,21 @@ def build_app(
         yield
         # Runs after in-flight requests finished: every row they submitted is written.
         await stores.close()
-        await asyncio.gather(*(p.close() for p in pools.values()))
+        await routing.close()
 
     app.cleanup_ctx.append(lifecycle)
     return app
 
 
-def build_admin_app(stores: Stores) -> web.Application:
-    """The admin listener: never on the public port (CONTRACT §10)."""
+def build_admin_app(stores: Stores, draining: asyncio.Event | None = None) -> web.Application:
+    """The admin listener: never on the public port (CONTRACT §10). ``/readyz`` turns 503 as
+    soon as a drain starts, so load balancers stop sending before the listener closes."""
 
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(_request: web.Request) -> web.Response:
-        ready = await stores.ready()
+        ready = not (draining and draining.is_set()) and await stores.ready()
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     async def tls_allowed(request: web.Request) -> web.Response:
@@ -210,14 +210,21 @@ def runner_kwargs(settings: Settings) -> dict[str, object]:
     }
 
 
-async def serve(settings: Settings, stores: Stores) -> None:
-    """Run until SIGTERM/SIGINT, then stop accepting and let in-flight requests finish."""
+async def serve(
+    settings: Settings, stores: Stores, reload: Callable[[], Settings] | None = None
+) -> None:
+    """Run until SIGTERM/SIGINT, then stop accepting and let in-flight requests finish
+    (up to ``shutdown_timeout_s``) before the stores drain. SIGHUP re-reads the routes and
+    upstreams through ``reload`` without dropping a connection; a bad file is logged and the
+    running configuration stays."""
     app = build_app(settings, stores)
     runner = web.AppRunner(app, **runner_kwargs(settings))  # type: ignore[arg-type]
-    admin = web.AppRunner(build_admin_app(stores), access_log=None)
+    draining = asyncio.Event()
+    admin = web.AppRunner(build_admin_app(stores, draining), access_log=None)
     await runner.setup()
     await admin.setup()
     s = settings.server
+    # reuse_port: with --workers N every worker binds the same ports (SO_REUSEPORT).
     site = web.TCPSite(
         runner,
         s.listen.host,
@@ -227,13 +234,33 @@ async def serve(settings: Settings, stores: Stores) -> None:
         shutdown_timeout=s.shutdown_timeout_s,
     )
     await site.start()
-    await web.TCPSite(admin, s.admin_listen.host, s.admin_listen.port).start()
-    log.warning("listening on %s, admin on %s", s.listen, s.admin_listen)
+    await web.TCPSite(admin, s.admin_listen.host, s.admin_listen.port, reuse_port=True).start()
+    log.warning("listening on %s, admin on %s (pid %d)", s.listen, s.admin_listen, os.getpid())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if reload is not None:
+        loop.add_signal_handler(
+            signal.SIGHUP, _reloader(app[ROUTING], reload, s.shutdown_timeout_s)
+        )
     await stop.wait()
-    log.warning("shutting down")
-    await admin.cleanup()
+    draining.set()
+    log.warning("shutting down: draining in-flight requests")
     await runner.cleanup()
+    await admin.cleanup()
+
+
+def _reloader(
+    routing: Routing, reload: Callable[[], Settings], grace_s: float
+) -> Callable[[], None]:
+    def on_sighup() -> None:
+        try:
+            fresh = reload()
+        except ConfigError as e:
+            log.error("reload refused, keeping the running configuration: %s", e)
+            return
+        routing.reload(fresh, grace_s)
+        log.warning("reloaded %d routes and %d upstreams", len(fresh.routes), len(fresh.upstreams))
+
+    return on_sighup

@@ -8,12 +8,14 @@ another's requests); proxy environment variables are ignored (``trust_env=False`
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import Mapping
 
 import aiohttp
 
-from proxy.settings import UpstreamSettings
+from proxy.core.routes import RouteTable
+from proxy.settings import RouteSettings, Settings, UpstreamSettings
 
 
 class UpstreamPool:
@@ -68,3 +70,40 @@ class UpstreamPool:
 
 def build_pools(upstreams: Mapping[str, UpstreamSettings]) -> dict[str, UpstreamPool]:
     return {name: UpstreamPool(s) for name, s in upstreams.items()}
+
+
+class Routing:
+    """The route table and upstream pools in force; replaced whole on SIGHUP.
+
+    A request reads ``table`` and ``pools`` once, so it finishes on the configuration it
+    started with. Pools of upstreams whose settings did not change are carried over (their
+    keep-alive connections too); pools no longer needed are closed after ``grace_s``, by which
+    time requests that were using them have finished (the shutdown grace is the same bound).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.table: RouteTable[RouteSettings] = RouteTable(settings.routes)
+        self.pools: dict[str, UpstreamPool] = build_pools(settings.upstreams)
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    def reload(self, settings: Settings, grace_s: float) -> None:
+        pools: dict[str, UpstreamPool] = {}
+        for name, up in settings.upstreams.items():
+            old = self.pools.get(name)
+            pools[name] = old if old is not None and old.settings == up else UpstreamPool(up)
+        retired = [p for name, p in self.pools.items() if pools.get(name) is not p]
+        self.table, self.pools = RouteTable(settings.routes), pools
+        if retired:
+            task = asyncio.ensure_future(self._retire(retired, grace_s))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    @staticmethod
+    async def _retire(pools: list[UpstreamPool], grace_s: float) -> None:
+        await asyncio.sleep(grace_s)
+        await asyncio.gather(*(p.close() for p in pools))
+
+    async def close(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*(p.close() for p in self.pools.values()))

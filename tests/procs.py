@@ -139,7 +139,9 @@ def wait_ready(admin_port: int, deadline_s: float = 10.0) -> None:
         time.sleep(0.02)
 
 
-def start_proxy(config: Path, env: Mapping[str, str] | None = None) -> Proxy:
+def start_proxy(
+    config: Path, env: Mapping[str, str] | None = None, args: tuple[str, ...] = ()
+) -> Proxy:
     port, admin = free_port(), free_port()
     full_env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     full_env.update(env or {})
@@ -155,6 +157,7 @@ def start_proxy(config: Path, env: Mapping[str, str] | None = None) -> Proxy:
             f"127.0.0.1:{port}",
             "--admin-listen",
             f"127.0.0.1:{admin}",
+            *args,
         ],
         cwd=ROOT,
         env=full_env,

@@ -11,7 +11,7 @@ to GET, HEAD, OPTIONS, TRACE, PUT and DELETE).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
@@ -26,7 +26,7 @@ from proxy.core.forwarding import (
 )
 from proxy.errors import PayloadTooLarge, ProxyError, UpstreamTimeout, UpstreamUnavailable
 from proxy.pipeline.websocket import is_websocket_upgrade, relay_websocket
-from proxy.upstreams import UpstreamPool
+from proxy.upstreams import Routing, UpstreamPool
 
 log = logging.getLogger("proxy.forward")
 
@@ -87,8 +87,8 @@ def upstream_headers(request: web.Request, ctx: RequestContext) -> CIMultiDict[s
 class Forwarder:
     """The request handler at the end of the pipeline; the only code that talks to upstreams."""
 
-    def __init__(self, pools: Mapping[str, UpstreamPool], max_body_bytes: int) -> None:
-        self._pools = pools
+    def __init__(self, routing: Routing, max_body_bytes: int) -> None:
+        self._routing = routing
         self._max_body = max_body_bytes
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
@@ -96,9 +96,8 @@ class Forwarder:
         route = ctx.route
         assert route is not None  # the route stage ran
         test_key = ctx.api_key is not None and ctx.api_key.environment == "test"
-        pool = self._pools[
-            route.test_upstream if test_key and route.test_upstream else route.upstream
-        ]
+        pools = self._routing.pools  # read once: a reload mid-request changes nothing for it
+        pool = pools[route.test_upstream if test_key and route.test_upstream else route.upstream]
         length = request.content_length
         if length is not None and length > self._max_body:
             raise PayloadTooLarge()

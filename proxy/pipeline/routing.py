@@ -13,10 +13,9 @@ from proxy.context import CTX
 from proxy.core.cors import frame_ancestors
 from proxy.core.hosts import BadHost, normalize_host
 from proxy.core.paths import BadTarget, split_target
-from proxy.core.routes import RouteTable
 from proxy.errors import BadRequest, ChallengeNotFound, NoRoute
-from proxy.settings import RouteSettings
 from proxy.stores.base import ChallengeStore
+from proxy.upstreams import Routing
 
 
 @web.middleware
@@ -35,11 +34,11 @@ async def target_stage(request: web.Request, handler: Handler) -> web.StreamResp
     return await handler(request)
 
 
-def route_stage(table: RouteTable[RouteSettings]) -> Middleware:
+def route_stage(routing: Routing) -> Middleware:
     @web.middleware
     async def route(request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = request[CTX]
-        ctx.route = table.match(ctx.path)
+        ctx.route = routing.table.match(ctx.path)
         if ctx.route is None:
             raise NoRoute()
         if ctx.route.embed:

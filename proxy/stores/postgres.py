@@ -26,6 +26,17 @@ from proxy.errors import TenantStoreUnavailable
 from proxy.stores.usage import KeyUsage
 
 log = logging.getLogger("proxy.postgres")
+# Everything asyncpg or the network can raise at us; mapped at each store's boundary.
+# InternalClientError: asyncpg's own protocol-state errors, e.g. "cannot switch to state 12;
+# another operation is in progress" when a server shutdown cuts a statement short (seen in the
+# 10 s outage test of issue 6: it killed the key-usage flusher with a traceback).
+DB_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 CHANNEL = "flatrender_edge"
 LISTENER_NAME = "flatrender-edge-listener"  # visible in pg_stat_activity
 _T = TypeVar("_T")
@@ -107,6 +118,50 @@ def _key(row: asyncpg.Record) -> ApiKey:
     )
 
 
+async def create_pool(dsn: str, *, timeout_s: float, max_size: int) -> asyncpg.Pool:
+    """A pool that starts with no connection (``min_size=0``): the proxy starts, and serves
+    what it can, while the database is still unreachable."""
+    pool: asyncpg.Pool = await asyncpg.create_pool(
+        dsn,
+        min_size=0,
+        max_size=max_size,
+        timeout=timeout_s,  # connect timeout of each new connection
+        command_timeout=timeout_s,
+    )
+    return pool
+
+
+async def close_pool(pool: asyncpg.Pool, timeout_s: float) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(pool.close(), timeout_s)
+
+
+async def run_bounded(
+    pool: asyncpg.Pool,
+    fn: Callable[[asyncpg.Connection], Awaitable[_T]],
+    timeout_s: float,
+) -> _T:
+    """``fn`` on a pooled connection, acquiring included, within ``timeout_s``.
+
+    Raises one of ``DB_ERRORS``; the caller maps it to its own error at its boundary.
+    """
+    conn: asyncpg.Connection | None = None
+    try:
+        async with asyncio.timeout(timeout_s):
+            conn = await pool.acquire()
+            return await fn(conn)
+    except (*DB_ERRORS, asyncio.CancelledError):
+        if conn is not None:
+            # A connection that missed its deadline (or whose caller's own deadline cancelled
+            # it) is stuck mid-query: releasing it would wait for asyncpg's reset on a database
+            # that does not answer. Drop it instead.
+            conn.terminate()
+        raise
+    finally:
+        if conn is not None:
+            await pool.release(conn)
+
+
 class PostgresStore:
     """Uncached loads; ``stores.cached`` puts the caches in front of them."""
 
@@ -118,37 +173,20 @@ class PostgresStore:
         self.queries = 0
 
     async def start(self) -> None:
-        self._pool = await asyncpg.create_pool(
-            self._dsn,
-            min_size=0,
-            max_size=self._max,
-            timeout=self._timeout,  # connect timeout of each new connection
-            command_timeout=self._timeout,
-        )
+        self._pool = await create_pool(self._dsn, timeout_s=self._timeout, max_size=self._max)
 
     async def close(self) -> None:
         if self._pool is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._pool.close(), self._timeout)
+            await close_pool(self._pool, self._timeout)
 
     async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[_T]]) -> _T:
         assert self._pool is not None, "start() first"
         self.queries += 1
-        conn: asyncpg.Connection | None = None
         try:
-            async with asyncio.timeout(self._timeout):
-                conn = await self._pool.acquire()
-                return await fn(conn)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-            if conn is not None:
-                # A connection that missed its deadline is stuck mid-query: releasing it would
-                # wait for asyncpg's reset on a database that does not answer. Drop it instead.
-                conn.terminate()
+            return await run_bounded(self._pool, fn, self._timeout)
+        except DB_ERRORS as e:
             log.warning("tenant store unavailable: %s", type(e).__name__)
             raise TenantStoreUnavailable() from None
-        finally:
-            if conn is not None:
-                await self._pool.release(conn)
 
     async def _tenant_by(self, sql: str, value: str) -> Tenant | None:
         row = await self._run(lambda c: c.fetchrow(sql, value))
@@ -249,7 +287,7 @@ class ChangeListener:
             try:
                 await self._listen_once()
                 delay = 0.1
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            except DB_ERRORS as e:
                 log.warning(
                     "LISTEN connection lost (%s); retrying in %.1fs", type(e).__name__, delay
                 )

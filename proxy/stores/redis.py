@@ -132,7 +132,17 @@ class RedisBucketStore:
         return self._fail_open or not self._open
 
     async def start(self) -> None:
-        pass
+        """Warm up before the first request: a cold cluster client must first fetch the slot
+        map, and every node must load the script. Done inside a request's deadline under a
+        burst, that can exceed it on a healthy Redis and fail open (over-admission). Runs before
+        the proxy is ready; a Redis that is down now just starts with the breaker open."""
+        try:
+            async with asyncio.timeout(max(5.0, self._deadline)):
+                if self._cluster:
+                    await self._client.initialize()
+                await self._client.script_load(BATCH_SCRIPT)
+        except Exception as e:
+            self._trip(e)
 
     async def take(self, bucket: str, capacity: int) -> Decision:
         self.checks += 1

@@ -20,7 +20,12 @@ from proxy.migrate import DEFAULT_SQL_DIR, MigrationError, apply_migrations, dis
 if TYPE_CHECKING:
     from tests.servers import PostgresServer
 
-ALL = ["001_prelude.sql", "002_identity_tenants.sql", "003_edge_invalidation.sql"]
+ALL = [
+    "001_prelude.sql",
+    "002_identity_tenants.sql",
+    "003_edge_invalidation.sql",
+    "004_edge_audit.sql",
+]
 DEFAULT_TENANT = uuid.UUID("00000000-0000-0000-0000-000000000001")
 IDENTITY_TABLES = {
     "tenants",

@@ -1,0 +1,171 @@
+"""Process lifecycle (CONTRACT §1 serve, issue 7): workers, SIGTERM drain, SIGHUP reload."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import psutil
+import pytest_asyncio
+
+from tests.procs import Echo, Proxy, start_proxy, stop, write_config
+
+HOST = "flatrender.test"
+
+
+def _config(
+    tmp: Path,
+    echo: Echo,
+    *extra_routes: dict[str, object],
+    audit: Path | None = None,
+    shutdown_s: float = 30,
+) -> Path:
+    path = write_config(
+        tmp / "edge.toml",
+        server={"shutdown_timeout_s": shutdown_s},
+        upstreams={"render-api": {"urls": [echo.url]}},
+        routes=[
+            {"prefix": "/public", "upstream": "render-api", "auth": "none", "audit": True},
+            *extra_routes,
+        ],
+    )
+    if audit is not None:
+        path.write_text(
+            path.read_text() + f'\n[audit]\njsonl_path = "{audit}"\nflush_interval_ms = 3600000\n'
+        )
+    return path
+
+
+@pytest_asyncio.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        yield s
+
+
+async def status(http: aiohttp.ClientSession, proxy: Proxy, path: str) -> int:
+    async with http.get(f"{proxy.url}{path}", headers={"Host": HOST}) as r:
+        await r.read()
+        return r.status
+
+
+async def eventually(seconds: float, probe) -> None:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + seconds
+    while not await probe():
+        assert time.monotonic() < end, f"not within {seconds}s"
+        await asyncio.sleep(0.05)
+
+
+async def test_two_workers_survive_one_being_killed(
+    echo: Echo, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    proxy = start_proxy(_config(tmp_path, echo), args=("--workers", "2"))
+    try:
+        parent = psutil.Process(proxy.proc.pid)
+        await eventually(5, lambda: _workers(parent, 2))
+        victim = parent.children()[0]
+        victim.kill()
+        await eventually(5, lambda: _replaced(parent, victim.pid))
+        statuses = [await status(http, proxy, f"/public/{i}") for i in range(100)]
+        assert statuses == [200] * 100
+        workers = parent.children()
+        proxy.proc.send_signal(signal.SIGTERM)
+        assert proxy.proc.wait(20) == 0
+        _gone, alive = psutil.wait_procs(workers, timeout=5)
+        assert not alive  # the parent exits only after every worker has
+    finally:
+        output = proxy.output()
+    assert "Traceback" not in output
+
+
+async def _workers(parent: psutil.Process, n: int) -> bool:
+    return len(parent.children()) == n
+
+
+async def _replaced(parent: psutil.Process, dead: int) -> bool:
+    pids = [p.pid for p in parent.children()]
+    return len(pids) == 2 and dead not in pids
+
+
+async def test_sigterm_under_load_finishes_in_flight_requests_and_audits_them(
+    echo: Echo, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    audit = tmp_path / "audit.jsonl"
+    proxy = start_proxy(_config(tmp_path, echo, audit=audit))
+    ids = [str(uuid.uuid4()) for _ in range(30)]
+
+    async def slow(rid: str) -> int:
+        async with http.get(
+            f"{proxy.url}/public/slow?seconds=1", headers={"Host": HOST, "X-Request-Id": rid}
+        ) as r:
+            await r.read()
+            return r.status
+
+    try:
+        in_flight = [asyncio.ensure_future(slow(rid)) for rid in ids]
+        await asyncio.sleep(0.3)  # let them all reach the upstream (they take 1 s there)
+        proxy.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.gather(*in_flight) == [200] * 30
+        assert await asyncio.to_thread(proxy.proc.wait, 20) == 0
+    finally:
+        output = proxy.output()
+    written = [json.loads(line)["request_id"] for line in audit.read_text().splitlines()]
+    assert sorted(written) == sorted(ids)
+    assert "Traceback" not in output
+
+
+async def test_sighup_picks_up_a_new_route_without_dropping_requests(
+    echo: Echo, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    config = _config(tmp_path, echo)
+    proxy = start_proxy(config)
+    try:
+        assert await status(http, proxy, "/fresh/x") == 404
+        long_request = asyncio.ensure_future(status(http, proxy, "/public/slow?seconds=1"))
+        await asyncio.sleep(0.2)
+        fresh = {"prefix": "/fresh", "upstream": "render-api", "auth": "none"}
+        _config(tmp_path, echo, fresh)
+        proxy.proc.send_signal(signal.SIGHUP)
+        await eventually(5, lambda: _is(http, proxy, "/fresh/x", 200))
+        assert await long_request == 200  # in flight across the reload
+        # A broken file is refused and the running configuration stays.
+        config.write_text(
+            config.read_text().replace('upstream = "render-api"', 'upstream = "nowhere"')
+        )
+        proxy.proc.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.3)  # give the (refused) reload its chance to do harm
+        assert await status(http, proxy, "/fresh/x") == 200
+        assert proxy.proc.poll() is None
+    finally:
+        output = proxy.output()
+    assert "reload refused" in output and "unknown upstream" in output
+    assert "Traceback" not in output
+
+
+async def _is(http: aiohttp.ClientSession, proxy: Proxy, path: str, want: int) -> bool:
+    return await status(http, proxy, path) == want
+
+
+async def test_readyz_turns_503_while_draining(
+    echo: Echo, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    proxy = start_proxy(_config(tmp_path, echo))
+    admin = f"http://127.0.0.1:{proxy.admin_port}/readyz"
+    try:
+        slow = asyncio.ensure_future(status(http, proxy, "/public/slow?seconds=1.5"))
+        await asyncio.sleep(0.2)
+        proxy.proc.send_signal(signal.SIGTERM)
+
+        async def not_ready() -> bool:
+            async with http.get(admin) as r:
+                return r.status == 503
+
+        await eventually(1, not_ready)
+        assert await slow == 200
+    finally:
+        stop(proxy.proc)
