@@ -110,11 +110,16 @@ def _serve(args: argparse.Namespace) -> int:
     def worker() -> int:
         import uvloop
 
+        from proxy.logs import start_logging
+
+        listener = start_logging()  # per process: a thread does not survive a fork
         try:
             uvloop.run(serve(settings, build_stores(settings), load))
         except OSError as e:
             print(f"flatrender-edge: error: cannot listen: {e.strerror or e}", file=sys.stderr)
             return 2
+        finally:
+            listener.stop()
         return 0
 
     if args.workers == 1:

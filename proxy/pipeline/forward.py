@@ -155,8 +155,11 @@ class Forwarder:
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
         except ConnectionResetError:
-            upstream.close()  # the client went away: do not drain a multi-GB body into nothing
-            raise
+            # The client went away: not an error of ours (nginx logs 499 for it). Close the
+            # upstream rather than drain a multi-GB body into nothing, and hand aiohttp the
+            # response: its final write fails quietly and it drops the connection.
+            upstream.close()
+            return response
         except (TimeoutError, aiohttp.ClientError) as e:
             # The upstream failed after the head was sent: the only honest signal left is to
             # cut the client's connection, so a truncated body can never pass for a whole one.
