@@ -47,31 +47,48 @@ else
   local t = redis.call('TIME')
   now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
+-- Each distinct bucket is read once and written once per batch, however many of its checks
+-- the batch holds: they all happen at the same "now", one after another.
+local tokens_of, capacity_of, order = {}, {}, {}
 local out = {}
 for i = 1, n do
+  local key = KEYS[i]
   local capacity = tonumber(ARGV[i])
   local rate = capacity / 60
-  local s = redis.call('HMGET', KEYS[i], 'tokens', 'ts')
-  local tokens = tonumber(s[1])
-  local ts = tonumber(s[2])
-  if tokens == nil or ts == nil then
-    tokens = capacity
+  local tokens = tokens_of[key]
+  if tokens == nil then
+    local stored = redis.call('GET', key)
+    local t, ts
+    if stored then
+      local sep = string.find(stored, ' ', 1, true)
+      t, ts = tonumber(string.sub(stored, 1, sep - 1)), tonumber(string.sub(stored, sep + 1))
+    end
+    if t == nil or ts == nil then
+      tokens = capacity
+    else
+      local elapsed = now - ts
+      if elapsed < 0 then elapsed = 0 end
+      tokens = math.min(capacity, t + elapsed * rate)
+    end
+    order[#order + 1] = key
   else
-    local elapsed = now - ts
-    if elapsed < 0 then elapsed = 0 end
-    tokens = math.min(capacity, tokens + elapsed * rate)
+    tokens = math.min(capacity, tokens)
   end
   local allowed = 0
   if tokens >= 1 then
     tokens = tokens - 1
     allowed = 1
   end
-  redis.call('HSET', KEYS[i], 'tokens', string.format('%.17g', tokens),
-             'ts', string.format('%.17g', now))
-  -- Gone once it would be full again: an absent bucket and a full one are the same.
-  redis.call('PEXPIRE', KEYS[i], math.ceil((capacity - tokens) / rate * 1000) + 1000)
+  tokens_of[key] = tokens
+  capacity_of[key] = capacity
   out[#out + 1] = allowed
   out[#out + 1] = string.format('%.17g', tokens)
+end
+for _, key in ipairs(order) do
+  local tokens, capacity = tokens_of[key], capacity_of[key]
+  -- Gone once it would be full again: an absent bucket and a full one are the same.
+  local ttl = math.ceil((capacity - tokens) / (capacity / 60) * 1000) + 1000
+  redis.call('SET', key, string.format('%.17g %.17g', tokens, now), 'PX', ttl)
 end
 return out
 """

@@ -113,6 +113,19 @@ async def test_lua_script_and_pure_function_agree(redis_server: RedisServer) -> 
             reply = await script(keys=[key], args=[capacity, 1_700_000_000.0 + now])
             assert (reply[0] == 1) == expected.allowed, (now, capacity)
             assert float(reply[1]) == pytest.approx(state.tokens), (now, capacity)
+        # One batch holding several checks of the same buckets, interleaved: applied in order,
+        # at one "now", exactly as repeated calls of the pure function.
+        a, b = (
+            bucket_key(f"batch-a:{time.monotonic_ns()}"),
+            bucket_key(f"batch-b:{time.monotonic_ns()}"),
+        )
+        keys, caps = [a, b, a, a, b, a, a], [3, 2, 3, 3, 2, 3, 3]
+        reply = await script(keys=keys, args=[*caps, 1_700_000_500.0])
+        states: dict[str, BucketState | None] = {a: None, b: None}
+        for i, (k, cap) in enumerate(zip(keys, caps, strict=True)):
+            states[k], expected = take(states[k], cap, 1_700_000_500.0)
+            assert (reply[2 * i] == 1) == expected.allowed, i
+            assert float(reply[2 * i + 1]) == pytest.approx(states[k].tokens), i  # type: ignore[union-attr]
     finally:
         await client.aclose()
 
