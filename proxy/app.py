@@ -13,13 +13,16 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.core import Metric
 
+from proxy.access_log import JsonAccessLogger, access_logger
 from proxy.audit.jsonl import JsonlAuditSink
 from proxy.audit.postgres import PostgresAuditSink
 from proxy.core.hosts import BadHost, normalize_host
@@ -46,10 +49,85 @@ from proxy.stores.identity import CachedIdentityStore
 from proxy.stores.memory import load_embedded
 from proxy.stores.redis import RedisBucketStore, make_client
 from proxy.stores.usage import NoUsage, UsageRecorder
+from proxy.telemetry import Telemetry, counter, gauge
 from proxy.upstreams import Routing
 
 log = logging.getLogger("proxy")
 ROUTING = web.AppKey("routing", Routing)
+TELEMETRY = web.AppKey("telemetry", Telemetry)
+
+
+def store_metrics(stores: Stores) -> Callable[[], Iterable[Metric]]:
+    """Figures the stores count anyway, read at scrape time: nothing on the request path."""
+
+    def read() -> Iterator[Metric]:
+        limits = stores.limits
+        decisions = [
+            (["allowed"], limits.allowed),
+            (["rejected"], limits.rejected),
+            (["shadow_rejected"], limits.shadow_rejected),
+        ]
+        if isinstance(stores.buckets, RedisBucketStore):
+            b = stores.buckets
+            decisions += [
+                (["degraded"], b.degraded_decisions),
+                (["local_shortcut"], b.shortcut_rejections),
+            ]
+            yield counter(
+                "edge_redis_calls", "Script calls sent to Redis", [], [([], b.commands_sent)]
+            )
+            yield gauge("edge_redis_healthy", "1 while the limiter reaches Redis", b.healthy)
+        yield counter("edge_limiter_decisions", "Rate-limit decisions", ["decision"], decisions)
+        if stores.identity is not None:
+            caches = {
+                "tenants": stores.identity.tenants,
+                "keys": stores.identity.keys,
+                "challenges": stores.identity.challenges,
+            }
+            yield counter(
+                "edge_cache_events",
+                "Identity cache lookups",
+                ["cache", "event"],
+                [
+                    ([name, event], getattr(c, attr))
+                    for name, c in caches.items()
+                    for event, attr in (
+                        ("hit", "hits"),
+                        ("miss", "misses"),
+                        ("stale_served", "stale_served"),
+                    )
+                ],
+            )
+            yield counter(
+                "edge_store_errors",
+                "Failed store calls",
+                ["store"],
+                [(["postgres"], stores.identity.db.errors)],
+            )
+        audit = stores.audit
+        if isinstance(audit, PostgresAuditSink):
+            c = audit.counters
+            yield gauge("edge_audit_queue_depth", "Audit rows waiting in memory", audit.queue_depth)
+            yield counter(
+                "edge_audit_rows",
+                "Audit rows by outcome",
+                ["outcome"],
+                [
+                    (["written"], c.rows_written),
+                    (["duplicate"], c.rows_duplicate),
+                    (["spooled"], c.rows_spooled),
+                    (["replayed"], c.rows_replayed),
+                    (["dropped"], c.rows_dropped),
+                ],
+            )
+            yield counter("edge_audit_batches", "Audit batches committed", [], [([], c.batches)])
+            yield gauge(
+                "edge_audit_last_flush_seconds",
+                "Duration of the last audit flush",
+                c.last_flush_ms / 1000,
+            )
+
+    return read
 
 
 def utc_now() -> datetime:
@@ -129,14 +207,18 @@ def build_stores(settings: Settings) -> Stores:
 
 
 def build_app(
-    settings: Settings, stores: Stores, clock: Callable[[], datetime] = utc_now
+    settings: Settings,
+    stores: Stores,
+    clock: Callable[[], datetime] = utc_now,
+    telemetry: Telemetry | None = None,
 ) -> web.Application:
+    telemetry = telemetry or Telemetry(settings.telemetry)
     routing = Routing(settings)
     stages: list[Middleware] = [
-        entry_stage(settings.server.trusted_proxies),
+        entry_stage(settings.server.trusted_proxies, telemetry),
         target_stage,
         challenge_stage(stores.challenges, clock),
-        tenant_stage(stores.tenants, settings.tenancy.platform_domains),
+        tenant_stage(stores.tenants, settings.tenancy.platform_domains, telemetry),
         cors_stage,
         status_stage(clock),
         route_stage(routing),
@@ -144,12 +226,14 @@ def build_app(
     if stores.audit is not None:
         stages.append(audit_stage(stores.audit, clock))
     stages += [
-        auth_stage(stores.keys, stores.tenants, stores.usage, clock),
-        ratelimit_stage(stores.buckets, settings.ratelimit, stores.limits),
+        auth_stage(stores.keys, stores.tenants, stores.usage, clock, telemetry),
+        ratelimit_stage(stores.buckets, settings.ratelimit, stores.limits, telemetry),
     ]
     app = web.Application(middlewares=stages)
     app[ROUTING] = routing
-    forwarder = Forwarder(routing, settings.server.max_body_bytes)
+    app[TELEMETRY] = telemetry
+    telemetry.collect_from(store_metrics(stores))
+    forwarder = Forwarder(routing, settings.server.max_body_bytes, telemetry)
     app.router.add_route("*", "/{tail:.*}", forwarder)
     app.on_response_prepare.append(stamp_response)
 
@@ -159,12 +243,15 @@ def build_app(
         # Runs after in-flight requests finished: every row they submitted is written.
         await stores.close()
         await routing.close()
+        telemetry.shutdown()
 
     app.cleanup_ctx.append(lifecycle)
     return app
 
 
-def build_admin_app(stores: Stores, draining: asyncio.Event | None = None) -> web.Application:
+def build_admin_app(
+    stores: Stores, draining: asyncio.Event | None = None, telemetry: Telemetry | None = None
+) -> web.Application:
     """The admin listener: never on the public port (CONTRACT §10). ``/readyz`` turns 503 as
     soon as a drain starts, so load balancers stop sending before the listener closes."""
 
@@ -191,8 +278,14 @@ def build_admin_app(stores: Stores, draining: asyncio.Event | None = None) -> we
         )
         return web.json_response({"allowed": allowed}, status=200 if allowed else 404)
 
+    async def metrics(_request: web.Request) -> web.Response:
+        """Prometheus text exposition (prometheus-client); this worker's figures."""
+        body = telemetry.exposition() if telemetry is not None else b""
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
     admin = web.Application()
     admin.router.add_get("/healthz", healthz)
+    admin.router.add_get("/metrics", metrics)
     admin.router.add_get("/readyz", readyz)
     admin.router.add_get("/tls/allowed", tls_allowed)
     return admin
@@ -201,7 +294,8 @@ def build_admin_app(stores: Stores, draining: asyncio.Event | None = None) -> we
 def runner_kwargs(settings: Settings) -> dict[str, object]:
     s = settings.server
     return {
-        "access_log": None,
+        "access_log": access_logger() if settings.telemetry.access_log else None,
+        "access_log_class": JsonAccessLogger,
         "max_line_size": s.max_line_size,
         "max_field_size": s.max_field_size,
         "keepalive_timeout": s.keepalive_timeout_s,
@@ -220,7 +314,7 @@ async def serve(
     app = build_app(settings, stores)
     runner = web.AppRunner(app, **runner_kwargs(settings))  # type: ignore[arg-type]
     draining = asyncio.Event()
-    admin = web.AppRunner(build_admin_app(stores, draining), access_log=None)
+    admin = web.AppRunner(build_admin_app(stores, draining, app[TELEMETRY]), access_log=None)
     await runner.setup()
     await admin.setup()
     s = settings.server

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -28,6 +28,9 @@ class RequestContext:
     api_key: ApiKey | None = None
     response_headers: dict[str, str] = field(default_factory=dict)
     error_code: str | None = None
+    limit_decision: str | None = None  # "allowed" | "rejected" | "shadow"
+    upstream_s: float = 0.0  # time spent with the upstream (access log)
+    span: Any = None  # the server span when tracing is on
 
 
 CTX = web.RequestKey("flatrender_ctx", RequestContext)

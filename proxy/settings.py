@@ -100,6 +100,18 @@ class AuditSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TelemetrySettings:
+    # One JSON line per request on stderr (through the non-blocking log queue).
+    access_log: bool = True
+    # The standard OpenTelemetry variables: exporter "none" (the default: no tracing at all,
+    # no cost), "console" or "otlp" (needs opentelemetry-exporter-otlp installed).
+    traces_exporter: str = "none"
+    sampler: str = "parentbased_always_on"
+    sampler_arg: float = 1.0
+    service_name: str = "flatrender-edge"
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamSettings:
     name: str
     urls: tuple[str, ...]
@@ -129,6 +141,7 @@ class Settings:
     upstreams: Mapping[str, UpstreamSettings]
     routes: tuple[RouteSettings, ...]
     config_path: Path
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     database_url: str | None = None
     redis_url: str | None = None
     redis_mode: Literal["standalone", "cluster", "sentinel"] = "standalone"
@@ -349,6 +362,41 @@ def _audit(t: _Table, base: Path) -> AuditSettings:
     return s
 
 
+_SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
+
+
+def _telemetry(t: _Table, env: Mapping[str, str]) -> TelemetrySettings:
+    d = TelemetrySettings()
+    exporter = env.get("OTEL_TRACES_EXPORTER", d.traces_exporter).strip().lower() or "none"
+    if exporter not in ("none", "console", "otlp"):
+        raise ConfigError(f"OTEL_TRACES_EXPORTER: expected none, console or otlp, got {exporter!r}")
+    sampler = env.get("OTEL_TRACES_SAMPLER", d.sampler).strip().lower() or d.sampler
+    if sampler not in _SAMPLERS:
+        raise ConfigError(f"OTEL_TRACES_SAMPLER: expected one of {', '.join(_SAMPLERS)}")
+    try:
+        arg = float(env.get("OTEL_TRACES_SAMPLER_ARG", d.sampler_arg))
+    except ValueError:
+        arg = -1.0
+    if not 0.0 <= arg <= 1.0:
+        raise ConfigError("OTEL_TRACES_SAMPLER_ARG: expected a ratio between 0 and 1")
+    s = TelemetrySettings(
+        access_log=t.flag("access_log", d.access_log),
+        traces_exporter=exporter,
+        sampler=sampler,
+        sampler_arg=arg,
+        service_name=env.get("OTEL_SERVICE_NAME", d.service_name) or d.service_name,
+    )
+    t.finish()
+    return s
+
+
 def _upstream(name: str, t: _Table) -> UpstreamSettings:
     urls = t.str_list("urls", ())
     if not urls:
@@ -412,6 +460,7 @@ def parse_settings(data: Mapping[str, Any], env: Mapping[str, str], config_path:
     ratelimit = _ratelimit(root.table("ratelimit"))
     audit = _audit(root.table("audit"), base)
 
+    telemetry = _telemetry(root.table("telemetry"), env)
     up_root = root.table("upstreams")
     upstreams = {name: _upstream(name, up_root.table(name)) for name in up_root.names()}
     up_root.finish()
@@ -446,6 +495,7 @@ def parse_settings(data: Mapping[str, Any], env: Mapping[str, str], config_path:
         upstreams=upstreams,
         routes=routes,
         config_path=config_path,
+        telemetry=telemetry,
         database_url=database_url and _check_database_url(database_url, "DATABASE_URL"),
         redis_url=redis_url and _check_redis_url(redis_url, "REDIS_URL"),
         redis_mode=redis_mode,  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -111,13 +112,17 @@ class Proxy:
     admin_port: int
     proc: subprocess.Popen[bytes]
     env: dict[str, str] = field(default_factory=dict)
+    log: Path | None = None  # where its stdout/stderr go (None: a pipe)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def output(self) -> str:
+        """Stop the proxy and return everything it printed."""
         stop(self.proc)
+        if self.log is not None:
+            return self.log.read_text(errors="replace")
         return self.proc.stdout.read().decode() if self.proc.stdout else ""
 
 
@@ -140,9 +145,15 @@ def wait_ready(admin_port: int, deadline_s: float = 10.0) -> None:
 
 
 def start_proxy(
-    config: Path, env: Mapping[str, str] | None = None, args: tuple[str, ...] = ()
+    config: Path,
+    env: Mapping[str, str] | None = None,
+    args: tuple[str, ...] = (),
+    pipe: bool = False,
 ) -> Proxy:
+    """A proxy process. Its output goes to a file read by ``output()``: a pipe read only at
+    the end would fill up with access-log lines (``pipe=True`` asks for exactly that)."""
     port, admin = free_port(), free_port()
+    log = Path(tempfile.mkstemp(prefix="edge-proxy-", suffix=".log")[1])
     full_env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     full_env.update(env or {})
     proc = subprocess.Popen(
@@ -161,13 +172,13 @@ def start_proxy(
         ],
         cwd=ROOT,
         env=full_env,
-        stdout=subprocess.PIPE,
+        stdout=subprocess.PIPE if pipe else log.open("wb"),
         stderr=subprocess.STDOUT,
     )
     wait_port(admin, proc)
     wait_port(port, proc)
     wait_ready(admin)
-    return Proxy(port, admin, proc, dict(env or {}))
+    return Proxy(port, admin, proc, dict(env or {}), None if pipe else log)
 
 
 @dataclass

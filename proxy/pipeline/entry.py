@@ -19,6 +19,7 @@ from proxy.context import CTX, RequestContext
 from proxy.core.cors import merge_vary
 from proxy.core.forwarding import IPNetwork, client_address, request_id
 from proxy.errors import BadRequest, InternalError, PayloadTooLarge, ProxyError
+from proxy.telemetry import Telemetry
 
 log = logging.getLogger("proxy.entry")
 
@@ -41,36 +42,64 @@ def _from_aiohttp(exc: web.HTTPException) -> ProxyError:
     return InternalError()
 
 
-def entry_stage(trusted_proxies: Sequence[IPNetwork]) -> Middleware:
+def entry_stage(trusted_proxies: Sequence[IPNetwork], telemetry: Telemetry) -> Middleware:
     trusted = tuple(trusted_proxies)
 
     @web.middleware
     async def entry(request: web.Request, handler: Handler) -> web.StreamResponse:
         headers = request.headers
         xff = headers.getall("X-Forwarded-For", None)
+        loop = asyncio.get_running_loop()
         ctx = RequestContext(
-            request_id=request_id(headers.get("X-Request-Id")),
-            started=asyncio.get_running_loop().time(),
+            request_id=request_id(headers.get("X-Request-Id")), started=loop.time()
         )
         ctx.client_ip, ctx.forwarded_for = client_address(
             request.remote or "", ", ".join(xff) if xff else None, trusted
         )
         request[CTX] = ctx
-        try:
-            return await handler(request)
-        except ProxyError as e:
-            error = e
-        except web.HTTPException as e:
-            error = _from_aiohttp(e)
-        except (asyncio.CancelledError, ConnectionResetError):
-            raise
-        except Exception:
-            log.exception("unhandled error request_id=%s", ctx.request_id)
-            error = InternalError()
-        ctx.error_code = error.code
-        return error_response(error, ctx.request_id)
+        status = 500
+        with telemetry.server_span(request.method, headers) as span:
+            ctx.span = span
+            try:
+                response = await _answer(request, handler, ctx)
+                status = response.status
+                return response
+            except (asyncio.CancelledError, ConnectionResetError):
+                status = 499
+                raise
+            finally:
+                route = ctx.route.prefix if ctx.route else "none"
+                telemetry.observe(route, status, loop.time() - ctx.started)
+                if span is not None:
+                    span.set_attribute("http.response.status_code", status)
+                    span.set_attribute("flatrender.request_id", ctx.request_id)
+                    span.set_attribute("flatrender.route", route)
+                    if ctx.tenant is not None:
+                        span.set_attribute("flatrender.tenant_id", ctx.tenant.id)
+                    if ctx.api_key is not None:
+                        span.set_attribute("flatrender.api_key_id", ctx.api_key.id)
+                    if ctx.limit_decision is not None:
+                        span.set_attribute("flatrender.limiter", ctx.limit_decision)
 
     return entry
+
+
+async def _answer(
+    request: web.Request, handler: Handler, ctx: RequestContext
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ProxyError as e:
+        error = e
+    except web.HTTPException as e:
+        error = _from_aiohttp(e)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unhandled error request_id=%s", ctx.request_id)
+        error = InternalError()
+    ctx.error_code = error.code
+    return error_response(error, ctx.request_id)
 
 
 async def stamp_response(request: web.BaseRequest, response: web.StreamResponse) -> None:

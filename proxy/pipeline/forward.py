@@ -10,12 +10,14 @@ to GET, HEAD, OPTIONS, TRACE, PUT and DELETE).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from opentelemetry.trace import SpanKind
 from yarl import URL
 
 from proxy.context import CTX, RequestContext
@@ -26,6 +28,7 @@ from proxy.core.forwarding import (
 )
 from proxy.errors import PayloadTooLarge, ProxyError, UpstreamTimeout, UpstreamUnavailable
 from proxy.pipeline.websocket import is_websocket_upgrade, relay_websocket
+from proxy.telemetry import Telemetry
 from proxy.upstreams import Routing, UpstreamPool
 
 log = logging.getLogger("proxy.forward")
@@ -87,9 +90,10 @@ def upstream_headers(request: web.Request, ctx: RequestContext) -> CIMultiDict[s
 class Forwarder:
     """The request handler at the end of the pipeline; the only code that talks to upstreams."""
 
-    def __init__(self, routing: Routing, max_body_bytes: int) -> None:
+    def __init__(self, routing: Routing, max_body_bytes: int, telemetry: Telemetry) -> None:
         self._routing = routing
         self._max_body = max_body_bytes
+        self._telemetry = telemetry
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         ctx = request[CTX]
@@ -103,11 +107,27 @@ class Forwarder:
             raise PayloadTooLarge()
         headers = upstream_headers(request, ctx)
         target = f"{ctx.path}?{ctx.query}" if ctx.query else ctx.path
-        if is_websocket_upgrade(request):
-            return await relay_websocket(request, pool, target, headers)
-        body = _RequestBody(request.content, self._max_body) if request.body_exists else None
-        upstream = await self._send(request.method, pool, target, headers, body)
-        return await self._relay(request, upstream)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with self._telemetry.span("edge.upstream", SpanKind.CLIENT) as span:
+            self._telemetry.inject(headers, span, request.headers.get("traceparent"))
+            if span is not None:
+                span.set_attribute("flatrender.upstream", pool.name)
+            try:
+                if is_websocket_upgrade(request):
+                    return await relay_websocket(request, pool, target, headers)
+                body = (
+                    _RequestBody(request.content, self._max_body) if request.body_exists else None
+                )
+                upstream = await self._send(request.method, pool, target, headers, body)
+                if span is not None:
+                    span.set_attribute("http.response.status_code", upstream.status)
+                return await self._relay(request, upstream)
+            except (UpstreamUnavailable, UpstreamTimeout) as e:
+                self._telemetry.upstream_error(pool.name, e.code)
+                raise
+            finally:
+                ctx.upstream_s = loop.time() - started
 
     async def _send(
         self,

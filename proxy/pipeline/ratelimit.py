@@ -14,6 +14,7 @@ from proxy.core.bucket import limit_headers
 from proxy.errors import RateLimited
 from proxy.settings import RatelimitSettings
 from proxy.stores.base import BucketStore
+from proxy.telemetry import Telemetry
 
 
 @dataclass(slots=True)
@@ -24,7 +25,10 @@ class LimitCounters:
 
 
 def ratelimit_stage(
-    buckets: BucketStore, settings: RatelimitSettings, counters: LimitCounters
+    buckets: BucketStore,
+    settings: RatelimitSettings,
+    counters: LimitCounters,
+    telemetry: Telemetry,
 ) -> Middleware:
     anonymous_rpm = settings.anonymous_rpm
 
@@ -39,15 +43,22 @@ def ratelimit_stage(
             bucket, capacity, policy = f"ip:{tenant.id}:{ctx.client_ip}", anonymous_rpm, "ip"
         else:
             return await handler(request)
-        decision = await buckets.take(bucket, capacity)
+        with telemetry.span("edge.ratelimit") as span:
+            decision = await buckets.take(bucket, capacity)
+            if decision.allowed:
+                counters.allowed += 1
+                ctx.limit_decision = "allowed"
+            elif settings.shadow or tenant.features.get("ratelimit_shadow") is True:
+                counters.shadow_rejected += 1
+                ctx.limit_decision = "shadow"
+            else:
+                counters.rejected += 1
+                ctx.limit_decision = "rejected"
+            if span is not None:
+                span.set_attribute("flatrender.limiter", ctx.limit_decision)
         # On the context, so they reach error answers and upstream answers alike.
         ctx.response_headers.update(limit_headers(decision, policy))
-        if decision.allowed:
-            counters.allowed += 1
-        elif settings.shadow or tenant.features.get("ratelimit_shadow") is True:
-            counters.shadow_rejected += 1
-        else:
-            counters.rejected += 1
+        if ctx.limit_decision == "rejected":
             raise RateLimited()
         return await handler(request)
 

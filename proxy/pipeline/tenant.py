@@ -17,6 +17,7 @@ from proxy.core.hosts import classify_host
 from proxy.core.tenancy import DEFAULT_TENANT_ID, Tenant, check_status
 from proxy.errors import DomainNotVerified, UnknownHost
 from proxy.stores.base import TenantStore
+from proxy.telemetry import Telemetry
 
 
 async def resolve_tenant(
@@ -41,11 +42,16 @@ async def resolve_tenant(
     return tenant, match.kind == "platform"
 
 
-def tenant_stage(store: TenantStore, platform_domains: tuple[str, ...]) -> Middleware:
+def tenant_stage(
+    store: TenantStore, platform_domains: tuple[str, ...], telemetry: Telemetry
+) -> Middleware:
     @web.middleware
     async def tenant(request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = request[CTX]
-        ctx.tenant, ctx.via_platform = await resolve_tenant(store, ctx.host, platform_domains)
+        with telemetry.span("edge.tenant") as span:
+            ctx.tenant, ctx.via_platform = await resolve_tenant(store, ctx.host, platform_domains)
+            if span is not None:
+                span.set_attribute("flatrender.tenant_id", ctx.tenant.id)
         return await handler(request)
 
     return tenant

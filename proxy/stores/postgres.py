@@ -171,6 +171,7 @@ class PostgresStore:
         self._max = max_connections
         self._pool: asyncpg.Pool | None = None
         self.queries = 0
+        self.errors = 0
 
     async def start(self) -> None:
         self._pool = await create_pool(self._dsn, timeout_s=self._timeout, max_size=self._max)
@@ -185,6 +186,7 @@ class PostgresStore:
         try:
             return await run_bounded(self._pool, fn, self._timeout)
         except DB_ERRORS as e:
+            self.errors += 1
             log.warning("tenant store unavailable: %s", type(e).__name__)
             raise TenantStoreUnavailable() from None
 

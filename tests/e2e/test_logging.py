@@ -19,7 +19,7 @@ async def test_an_undrained_log_pipe_does_not_stall_requests(echo: Echo, tmp_pat
         upstreams={"up": {"urls": [echo.url]}},
         routes=[{"prefix": "/public", "upstream": "up", "auth": "none"}],
     )
-    proxy = start_proxy(config)
+    proxy = start_proxy(config, pipe=True)
     try:
         sem = asyncio.Semaphore(32)
         async with aiohttp.ClientSession() as http:

@@ -1,0 +1,202 @@
+"""Traces and metrics, every instrument in one place (CONTRACT §10).
+
+- Traces: OpenTelemetry SDK with a tracer provider private to this object (no global state).
+  One server span per request, continuing an incoming W3C ``traceparent``, with child spans per
+  stage; the upstream gets ``traceparent`` naming the proxy's upstream span. Exporter and
+  sampler come from the standard ``OTEL_*`` variables (read by ``settings``). With the exporter
+  ``none`` there is no tracer at all: ``span()`` hands back one shared no-op context manager.
+  Even then the upstream gets a ``traceparent`` (CONTRACT §7): the client's if valid, else a
+  fresh unsampled one.
+- Metrics: ``prometheus-client``, one registry per process. Per-request figures (requests and
+  latency by route and status class, upstream errors) are instruments updated by the stages;
+  figures the stores already count (limiter decisions, cache hits, audit queue, store errors)
+  are read at scrape time by a collector, costing the request path nothing. Label values are
+  bounded: route prefixes from the configuration, status classes, fixed outcome names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import secrets
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from typing import Any
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+    SpanExporter,
+)
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import Span, SpanKind, Tracer, set_span_in_context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from proxy.settings import TelemetrySettings
+
+_NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
+_TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_PROPAGATOR = TraceContextTextMapPropagator()
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def _sampler(settings: TelemetrySettings) -> Sampler:
+    ratio = TraceIdRatioBased(settings.sampler_arg)
+    return {
+        "always_on": ALWAYS_ON,
+        "always_off": ALWAYS_OFF,
+        "traceidratio": ratio,
+        "parentbased_always_on": ParentBased(ALWAYS_ON),
+        "parentbased_always_off": ParentBased(ALWAYS_OFF),
+        "parentbased_traceidratio": ParentBased(ratio),
+    }[settings.sampler]
+
+
+def _exporter(settings: TelemetrySettings) -> SpanExporter | None:
+    if settings.traces_exporter == "console":
+        return ConsoleSpanExporter()
+    if settings.traces_exporter == "otlp":
+        from proxy.settings import ConfigError
+
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[import-not-found]
+                OTLPSpanExporter,
+            )
+        except ImportError:
+            raise ConfigError(
+                "OTEL_TRACES_EXPORTER: otlp needs opentelemetry-exporter-otlp installed"
+            ) from None
+        exporter: SpanExporter = OTLPSpanExporter()
+        return exporter
+    return None
+
+
+class Telemetry:
+    def __init__(self, settings: TelemetrySettings, exporter: SpanExporter | None = None) -> None:
+        """``exporter`` overrides the configured one (tests pass an in-memory exporter, which
+        is then fed synchronously)."""
+        self.tracer: Tracer | None = None
+        self._provider: TracerProvider | None = None
+        chosen = exporter or _exporter(settings)
+        if chosen is not None:
+            self._provider = TracerProvider(
+                resource=Resource.create({"service.name": settings.service_name}),
+                sampler=_sampler(settings),
+            )
+            processor = SimpleSpanProcessor(chosen) if exporter else BatchSpanProcessor(chosen)
+            self._provider.add_span_processor(processor)
+            self.tracer = self._provider.get_tracer("flatrender-edge")
+        self.registry = CollectorRegistry()
+        self._requests = Counter(
+            "edge_requests",
+            "Requests answered, by route and status class",
+            ["route", "status_class"],
+            registry=self.registry,
+        )
+        self._latency = Histogram(
+            "edge_request_duration_seconds",
+            "Time to the last byte, by route and status class",
+            ["route", "status_class"],
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self._upstream_errors = Counter(
+            "edge_upstream_errors",
+            "Upstream failures, by upstream and kind",
+            ["upstream", "kind"],
+            registry=self.registry,
+        )
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    # -- tracing
+
+    def server_span(
+        self, method: str, headers: Mapping[str, str]
+    ) -> contextlib.AbstractContextManager[Span | None]:
+        if self.tracer is None:
+            return _NO_SPAN
+        return self.tracer.start_as_current_span(
+            f"{method}", kind=SpanKind.SERVER, context=_PROPAGATOR.extract(headers)
+        )
+
+    def span(
+        self, name: str, kind: SpanKind = SpanKind.INTERNAL
+    ) -> contextlib.AbstractContextManager[Span | None]:
+        if self.tracer is None:
+            return _NO_SPAN
+        return self.tracer.start_as_current_span(name, kind=kind)
+
+    def inject(
+        self, headers: MutableMapping[str, str], span: Span | None, inbound: str | None
+    ) -> None:
+        """Set ``traceparent`` for the upstream (W3C Trace Context §3.2)."""
+        if span is not None:
+            _PROPAGATOR.inject(headers, context=set_span_in_context(span))
+        elif inbound is not None and _TRACEPARENT.fullmatch(inbound):
+            headers["traceparent"] = inbound
+        else:
+            headers["traceparent"] = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"
+
+    # -- metrics
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        key = (route, f"{status // 100}xx")
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self._requests.labels(*key),
+                self._latency.labels(*key),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def upstream_error(self, upstream: str, kind: str) -> None:
+        self._upstream_errors.labels(upstream, kind).inc()
+
+    def collect_from(self, read: Callable[[], Iterable[Metric]]) -> None:
+        """Register figures read at scrape time (counters the stores keep anyway)."""
+
+        class _Collector:
+            def collect(self) -> Iterable[Metric]:
+                return read()
+
+        self.registry.register(_Collector())
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def shutdown(self) -> None:
+        if self._provider is not None:
+            self._provider.shutdown()
+
+
+def counter(
+    name: str, doc: str, labels: list[str], values: Iterable[tuple[list[str], float]]
+) -> Metric:
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for label_values, value in values:
+        family.add_metric(label_values, value)
+    return family
+
+
+def gauge(name: str, doc: str, value: float) -> Metric:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+@contextlib.contextmanager
+def attributes(span: Span | None) -> Iterator[Callable[[str, Any], None]]:
+    """``with attributes(span) as put: put("key", value)``, a no-op without a span."""
+    if span is None:
+        yield lambda _k, _v: None
+    else:
+        yield span.set_attribute
