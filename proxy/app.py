@@ -234,7 +234,7 @@ def build_app(
     app[TELEMETRY] = telemetry
     telemetry.collect_from(store_metrics(stores))
     forwarder = Forwarder(routing, settings.server.max_body_bytes, telemetry)
-    app.router.add_route("*", "/{tail:.*}", forwarder)
+    app.router.add_route("*", "/{tail:.*}", forwarder.handle)
     app.on_response_prepare.append(stamp_response)
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:

@@ -95,7 +95,7 @@ class Forwarder:
         self._max_body = max_body_bytes
         self._telemetry = telemetry
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         ctx = request[CTX]
         route = ctx.route
         assert route is not None  # the route stage ran

@@ -1,0 +1,204 @@
+"""Traces, metrics and the access log (CONTRACT §10, issue 7)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.app import build_admin_app, build_app, build_stores
+from proxy.settings import load_settings
+from proxy.telemetry import Telemetry
+from tests.procs import ACME_ID, DEMO_KEY, Echo, start_proxy, write_config
+
+HOST = "videos.acme.test"
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+
+
+def _config(tmp: Path, echo: Echo) -> Path:
+    return write_config(
+        tmp / "edge.toml",
+        upstreams={"render-api": {"urls": [echo.url]}},
+        routes=[
+            {
+                "prefix": "/v1/renders",
+                "upstream": "render-api",
+                "auth": "api_key",
+                "scopes": {"GET": "renders:read"},
+            },
+            {"prefix": "/public", "upstream": "render-api", "auth": "none"},
+        ],
+    )
+
+
+@pytest.fixture
+async def proxy_app(
+    echo: Echo, tmp_path: Path
+) -> AsyncIterator[tuple[TestClient[Any, Any], TestClient[Any, Any], InMemorySpanExporter]]:
+    settings = load_settings({}, str(_config(tmp_path, echo)))
+    stores = build_stores(settings)
+    exporter = InMemorySpanExporter()
+    telemetry = Telemetry(settings.telemetry, exporter=exporter)
+    app = build_app(settings, stores, telemetry=telemetry)
+    admin = build_admin_app(stores, telemetry=telemetry)
+    async with TestClient(TestServer(app)) as client, TestClient(TestServer(admin)) as adm:
+        yield client, adm, exporter
+
+
+async def test_spans_form_one_trace_continuing_the_clients(
+    proxy_app: tuple[TestClient[Any, Any], TestClient[Any, Any], InMemorySpanExporter],
+) -> None:
+    client, _, exporter = proxy_app
+    r = await client.get(
+        "/v1/renders/7?token=secret",
+        headers={
+            "Host": HOST,
+            "X-API-Key": DEMO_KEY,
+            "traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01",
+        },
+    )
+    assert r.status == 200
+    echoed = await r.json()
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    server = spans["GET"]
+    assert server.kind is SpanKind.SERVER
+    assert f"{server.context.trace_id:032x}" == TRACE_ID
+    assert server.parent is not None and f"{server.parent.span_id:016x}" == PARENT_ID
+    for name in ("edge.tenant", "edge.auth", "edge.ratelimit", "edge.upstream"):
+        child = spans[name]
+        assert child.parent is not None and child.parent.span_id == server.context.span_id, name
+        assert child.context.trace_id == server.context.trace_id
+    assert spans["edge.upstream"].kind is SpanKind.CLIENT
+    attrs = dict(server.attributes or {})
+    assert attrs["http.response.status_code"] == 200
+    assert attrs["flatrender.tenant_id"] == ACME_ID
+    assert attrs["flatrender.route"] == "/v1/renders"
+    assert attrs["flatrender.limiter"] == "allowed"
+    assert attrs["flatrender.api_key_id"] == "3b0d7a52-5f0e-4c1a-8d2e-6a1f9b7c4e01"
+    everything = json.dumps([dict(s.attributes or {}) for s in spans.values()])
+    assert DEMO_KEY not in everything and "secret" not in everything
+    # The upstream continues the same trace, as a child of the proxy's upstream span.
+    sent = [v for k, v in echoed["headers"] if k.lower() == "traceparent"]
+    assert sent == [f"00-{TRACE_ID}-{spans['edge.upstream'].context.span_id:016x}-01"]
+
+
+async def test_without_tracing_the_upstream_still_gets_a_traceparent(
+    echo: Echo, tmp_path: Path
+) -> None:
+    settings = load_settings({}, str(_config(tmp_path, echo)))
+    app = build_app(settings, build_stores(settings))  # OTEL_TRACES_EXPORTER unset: no tracer
+    async with TestClient(TestServer(app)) as client:
+        inbound = f"00-{TRACE_ID}-{PARENT_ID}-01"
+        r = await client.get("/public/x", headers={"Host": HOST, "traceparent": inbound})
+        sent = [v for k, v in (await r.json())["headers"] if k.lower() == "traceparent"]
+        assert sent == [inbound]
+        r = await client.get("/public/x", headers={"Host": HOST, "traceparent": "garbage"})
+        sent = [v for k, v in (await r.json())["headers"] if k.lower() == "traceparent"]
+        assert len(sent) == 1 and re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-00", sent[0])
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+async def test_metrics_parse_and_move(
+    proxy_app: tuple[TestClient[Any, Any], TestClient[Any, Any], InMemorySpanExporter],
+) -> None:
+    client, admin, _ = proxy_app
+    before = _samples(await (await admin.get("/metrics")).text())
+    for _ in range(3):
+        assert (await client.get("/public/x", headers={"Host": HOST})).status == 200
+    assert (await client.get("/nowhere", headers={"Host": HOST})).status == 404
+    assert (
+        await client.get("/v1/renders/1", headers={"Host": HOST, "X-API-Key": DEMO_KEY})
+    ).status == 200
+    r = await admin.get("/metrics")
+    assert r.headers["Content-Type"].startswith("text/plain")
+    after = _samples(await r.text())
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert moved("edge_requests_total", route="/public", status_class="2xx") == 3
+    assert moved("edge_requests_total", route="none", status_class="4xx") == 1
+    assert moved("edge_request_duration_seconds_count", route="/public", status_class="2xx") == 3
+    assert moved("edge_limiter_decisions_total", decision="allowed") == 1
+
+
+async def test_access_log_is_json_without_secrets(echo: Echo, tmp_path: Path) -> None:
+    proxy = start_proxy(_config(tmp_path, echo))
+    try:
+        import aiohttp
+
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(
+                f"{proxy.url}/v1/renders/9?signature=s3cr3t",
+                headers={
+                    "Host": HOST,
+                    "Authorization": f"Bearer {DEMO_KEY}",
+                    "X-Request-Id": "6a1f9b7c-4e01-4c1a-8d2e-3b0d7a525f0e",
+                },
+            ) as r,
+        ):
+            assert r.status == 200
+            await r.read()
+    finally:
+        output = proxy.output()
+    lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    line = next(entry for entry in lines if entry["request_id"].startswith("6a1f9b7c"))
+    assert line["status"] == 200 and line["path"] == "/v1/renders/9"
+    assert line["tenant_id"] == ACME_ID and line["route"] == "/v1/renders"
+    assert line["api_key_id"] and line["limiter"] == "allowed"
+    assert line["duration_ms"] >= line["upstream_ms"] > 0 and line["bytes_sent"] > 0
+    assert DEMO_KEY not in output and "s3cr3t" not in output
+
+
+async def test_access_log_can_be_switched_off(echo: Echo, tmp_path: Path) -> None:
+    config = _config(tmp_path, echo)
+    config.write_text(config.read_text() + "\n[telemetry]\naccess_log = false\n")
+    proxy = start_proxy(config)
+    try:
+        import aiohttp
+
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(f"{proxy.url}/public/x", headers={"Host": HOST}) as r,
+        ):
+            assert r.status == 200
+    finally:
+        output = proxy.output()
+    assert not [line for line in output.splitlines() if line.startswith("{")]
+
+
+def test_bad_telemetry_environment_is_refused(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.procs import ROOT
+
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OTEL_TRACES_EXPORTER": "zipkinish"},
+        timeout=30,
+    )
+    assert result.returncode == 2 and "OTEL_TRACES_EXPORTER" in result.stderr
+    assert "Traceback" not in result.stderr
