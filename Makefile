@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint venv clean
+.PHONY: run test lint bench venv clean
 
 # The venv is (re)built when pyproject.toml changes; a fresh clone needs nothing else.
 $(STAMP): pyproject.toml
@@ -25,6 +25,11 @@ run: venv
 test: venv
 	bash scripts/ensure-test-servers.sh
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The benchmark of the README's performance section (installs wrk from Debian when missing).
+bench: venv
+	bash scripts/ensure-test-servers.sh
+	$(BIN)/python loadtests/bench.py
 
 lint: venv
 	$(BIN)/ruff check proxy tests loadtests

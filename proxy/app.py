@@ -22,7 +22,7 @@ from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.core import Metric
 
-from proxy.access_log import JsonAccessLogger, access_logger
+from proxy.access_log import AccessLog
 from proxy.audit.jsonl import JsonlAuditSink
 from proxy.audit.postgres import PostgresAuditSink
 from proxy.core.hosts import BadHost, normalize_host
@@ -213,9 +213,10 @@ def build_app(
     telemetry: Telemetry | None = None,
 ) -> web.Application:
     telemetry = telemetry or Telemetry(settings.telemetry)
+    access = AccessLog() if settings.telemetry.access_log else None
     routing = Routing(settings)
     stages: list[Middleware] = [
-        entry_stage(settings.server.trusted_proxies, telemetry),
+        entry_stage(settings.server.trusted_proxies, telemetry, access),
         target_stage,
         challenge_stage(stores.challenges, clock),
         tenant_stage(stores.tenants, settings.tenancy.platform_domains, telemetry),
@@ -239,11 +240,15 @@ def build_app(
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
         await stores.start()
+        if access is not None:
+            access.start()
         yield
         # Runs after in-flight requests finished: every row they submitted is written.
         await stores.close()
         await routing.close()
         telemetry.shutdown()
+        if access is not None:
+            await access.close()
 
     app.cleanup_ctx.append(lifecycle)
     return app
@@ -294,8 +299,7 @@ def build_admin_app(
 def runner_kwargs(settings: Settings) -> dict[str, object]:
     s = settings.server
     return {
-        "access_log": access_logger() if settings.telemetry.access_log else None,
-        "access_log_class": JsonAccessLogger,
+        "access_log": None,  # the entry stage writes the access log (proxy.access_log)
         "max_line_size": s.max_line_size,
         "max_field_size": s.max_field_size,
         "keepalive_timeout": s.keepalive_timeout_s,

@@ -17,15 +17,6 @@ import sys
 FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
-class _Formatter(logging.Formatter):
-    """Access-log records are JSON lines already: written as they are."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        if record.name == "proxy.access":
-            return record.getMessage()
-        return super().format(record)
-
-
 class _DroppingQueueHandler(logging.handlers.QueueHandler):
     def __init__(self, q: queue.Queue[logging.LogRecord]) -> None:
         super().__init__(q)
@@ -44,7 +35,7 @@ def start_logging(
     """Route every logger through a background writer; call ``stop()`` on exit to flush."""
     q: queue.Queue[logging.LogRecord] = queue.Queue(capacity)
     writer = logging.StreamHandler(sys.stderr)
-    writer.setFormatter(_Formatter(FORMAT))
+    writer.setFormatter(logging.Formatter(FORMAT))
     listener = logging.handlers.QueueListener(q, writer, respect_handler_level=False)
     root = logging.getLogger()
     root.handlers[:] = [_DroppingQueueHandler(q)]

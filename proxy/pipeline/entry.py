@@ -15,6 +15,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from proxy.access_log import AccessLog
 from proxy.context import CTX, RequestContext
 from proxy.core.cors import merge_vary
 from proxy.core.forwarding import IPNetwork, client_address, request_id
@@ -42,7 +43,9 @@ def _from_aiohttp(exc: web.HTTPException) -> ProxyError:
     return InternalError()
 
 
-def entry_stage(trusted_proxies: Sequence[IPNetwork], telemetry: Telemetry) -> Middleware:
+def entry_stage(
+    trusted_proxies: Sequence[IPNetwork], telemetry: Telemetry, access: AccessLog | None
+) -> Middleware:
     trusted = tuple(trusted_proxies)
 
     @web.middleware
@@ -57,19 +60,22 @@ def entry_stage(trusted_proxies: Sequence[IPNetwork], telemetry: Telemetry) -> M
             request.remote or "", ", ".join(xff) if xff else None, trusted
         )
         request[CTX] = ctx
-        status = 500
+        status, sent = 500, 0
         with telemetry.server_span(request.method, headers) as span:
             ctx.span = span
             try:
                 response = await _answer(request, handler, ctx)
-                status = response.status
+                status, sent = response.status, response.body_length
                 return response
             except (asyncio.CancelledError, ConnectionResetError):
                 status = 499
                 raise
             finally:
                 route = ctx.route.prefix if ctx.route else "none"
-                telemetry.observe(route, status, loop.time() - ctx.started)
+                elapsed = loop.time() - ctx.started
+                telemetry.observe(route, status, elapsed)
+                if access is not None:
+                    access.record(ctx, request.method, status, elapsed, sent)
                 if span is not None:
                     span.set_attribute("http.response.status_code", status)
                     span.set_attribute("flatrender.request_id", ctx.request_id)
