@@ -288,12 +288,20 @@ class _Server:
         proc = self._proc
         if proc is None:
             return
+        # Postgres backends setsid() (their own sessions and groups), so the group signal alone
+        # leaves them running, attached to shared memory, and a restart on the same data
+        # directory then fails. Kill every descendant too, and wait until all are gone.
+        tree: list[psutil.Process] = []
+        with contextlib.suppress(psutil.NoSuchProcess):
+            tree = psutil.Process(proc.pid).children(recursive=True)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
+        for child in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=STOP_TIMEOUT_S)
-        # Backends are children of the server, not ours: wait until the whole group is gone so a
-        # restart never meets a still-attached shared-memory segment or a held port.
+        psutil.wait_procs(tree, timeout=STOP_TIMEOUT_S)
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while time.monotonic() < deadline:
             try:
