@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 import orjson
 
+from proxy.background import cancel, every
 from proxy.context import RequestContext
 
 _STOP = b""
@@ -94,21 +95,13 @@ class AccessLog:
             with self._lock:
                 self._pending -= len(chunk)
 
-    async def _tick(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            self.flush()
-
     def start(self) -> None:
         self._thread = threading.Thread(target=self._write, name="access-log", daemon=True)
         self._thread.start()
-        self._task = asyncio.ensure_future(self._tick())
+        self._task = every(self._interval, self.flush)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
         self.flush()
         self._queue.put(_STOP)
         if self._thread is not None:

@@ -8,7 +8,6 @@ writes the rest, so a SIGTERM loses nothing that was submitted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import orjson
 
 from proxy.audit.record import AuditRecord
+from proxy.background import cancel, every
 
 log = logging.getLogger("proxy.audit")
 
@@ -50,18 +50,10 @@ class JsonlAuditSink:
             return
         self.rows_written += len(rows)
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            await self.flush()
-
     async def start(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        self._task = asyncio.create_task(self._run())
+        self._task = every(self._interval, self.flush)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
         await self.flush()

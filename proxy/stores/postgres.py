@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import asyncpg
 import orjson
 
+from proxy.background import cancel
 from proxy.core.apikeys import ApiKey
 from proxy.core.tenancy import Branding, Tenant
 from proxy.errors import TenantStoreUnavailable
@@ -300,7 +301,4 @@ class ChangeListener:
         self._task = asyncio.create_task(self._run())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)

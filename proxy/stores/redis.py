@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.background import cancel
 from proxy.core.bucket import Decision, decide, seconds_until_token
 from proxy.errors import RateLimiterUnavailable
 from proxy.stores.buckets import MemoryBucketStore
@@ -251,10 +252,7 @@ class RedisBucketStore:
             return
 
     async def close(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
+        await cancel(self._probe)
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
         with contextlib.suppress(Exception):

@@ -8,12 +8,12 @@ than losing them; ``close`` writes the remainder (SIGTERM loses nothing that was
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 
+from proxy.background import cancel, every
 from proxy.errors import TenantStoreUnavailable
 
 log = logging.getLogger("proxy.usage")
@@ -62,19 +62,11 @@ class UsageRecorder:
                 self._pending[key_id] = usage
             log.warning("key usage not written (%d keys pending)", len(self._pending))
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            await self.flush()
-
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+        self._task = every(self._interval, self.flush)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
         await self.flush()
 
 
