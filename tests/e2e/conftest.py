@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
+import asyncpg
 import pytest
+import pytest_asyncio
 
 from tests.procs import Echo, Proxy, free_port, start_echo, start_proxy, stop, write_config
 
@@ -52,3 +55,17 @@ def proxy(echo: Echo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prox
 @pytest.fixture
 def config_dir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@pytest_asyncio.fixture
+async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the module's database (database-mode modules define ``dsn``)."""
+    conn = await asyncpg.connect(dsn)
+    yield conn
+    await conn.close()
+
+
+@pytest_asyncio.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        yield s

@@ -12,16 +12,16 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import asyncpg
 import pytest
-import pytest_asyncio
 
 from proxy.migrate import apply_migrations
 from proxy.stores.keyadmin import create_key
+from tests.e2e.support import statement_calls, within
 from tests.procs import (
     ROOT,
     Echo,
@@ -108,19 +108,6 @@ def proxy(
     stop(p.proc)
 
 
-@pytest_asyncio.fixture
-async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(dsn)
-    yield conn
-    await conn.close()
-
-
-@pytest_asyncio.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200)) as s:
-        yield s
-
-
 async def mint(db: asyncpg.Connection, tenant: str = "acme", **kw: object) -> tuple[str, str]:
     args: dict[str, object] = {
         "tenant_slug": tenant,
@@ -148,15 +135,6 @@ async def call(
         if r.status >= 400:
             return r.status, body["error"]["code"], body
         return r.status, None, body
-
-
-async def within(seconds: float, check: Callable[[], Awaitable[bool]]) -> float:
-    start = time.monotonic()
-    while not await check():
-        if time.monotonic() - start > seconds:
-            pytest.fail(f"not true within {seconds}s")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - start
 
 
 def _headers(echoed: dict[str, object], name: str) -> list[str]:
@@ -336,15 +314,6 @@ async def test_cli_revoke_unknown_and_malformed_ids(dsn: str) -> None:
         assert "Traceback" not in result.stderr
 
 
-async def _calls(db: asyncpg.Connection, fragment: str) -> int:
-    n = await db.fetchval(
-        "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements s JOIN pg_database d"
-        " ON d.oid = s.dbid WHERE d.datname = current_database() AND s.query LIKE $1",
-        f"%{fragment}%",
-    )
-    return int(n)
-
-
 async def test_ten_thousand_unknown_keys_cost_one_query_per_prefix(
     proxy: Proxy, db: asyncpg.Connection, http: aiohttp.ClientSession
 ) -> None:
@@ -366,7 +335,7 @@ async def test_ten_thousand_unknown_keys_cost_one_query_per_prefix(
     statuses = await asyncio.gather(*(one(k) for k in keys))
     assert set(statuses) == {401}
     distinct = len({k[:12] for k in keys})
-    assert 0 < await _calls(db, "WHERE key_prefix = $1") <= distinct
+    assert 0 < await statement_calls(db, "WHERE key_prefix = $1") <= distinct
 
 
 async def test_usage_is_batched_and_does_not_evict_the_cache(
@@ -391,10 +360,10 @@ async def test_usage_is_batched_and_does_not_evict_the_cache(
     await within(2.0, counted)
     row = await db.fetchrow("SELECT * FROM identity.tenant_api_keys WHERE id = $1", kid)
     assert str(row["last_used_ip"]) == "203.0.113.50" and row["last_used_at"] is not None
-    writes = await _calls(db, "UPDATE identity.tenant_api_keys k")
+    writes = await statement_calls(db, "UPDATE identity.tenant_api_keys k")
     assert 1 <= writes < 31  # batched: fewer statements than requests
     # The usage writes did not evict the key: no lookup by prefix was needed again.
-    assert await _calls(db, "WHERE key_prefix = $1") == 0
+    assert await statement_calls(db, "WHERE key_prefix = $1") == 0
 
 
 async def test_sigterm_writes_pending_usage(

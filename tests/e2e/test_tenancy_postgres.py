@@ -9,15 +9,15 @@ import secrets
 import string
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
 import asyncpg
 import pytest
-import pytest_asyncio
 
 from proxy.migrate import apply_migrations
+from tests.e2e.support import statement_calls, within
 from tests.procs import Echo, Proxy, free_port, start_proxy, stop, write_config
 from tests.servers import PostgresServer
 
@@ -78,19 +78,6 @@ def proxy(dsn: str, echo: Echo, tmp_path_factory: pytest.TempPathFactory) -> Ite
     stop(p.proc)
 
 
-@pytest_asyncio.fixture
-async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(dsn)
-    yield conn
-    await conn.close()
-
-
-@pytest_asyncio.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
-        yield s
-
-
 async def status_of(
     http: aiohttp.ClientSession,
     proxy: Proxy,
@@ -102,17 +89,6 @@ async def status_of(
         body = await r.json()
         code = body["error"]["code"] if r.status >= 400 else None
         return r.status, code, r.headers
-
-
-async def within(seconds: float, check: Callable[[], Awaitable[bool]]) -> float:
-    """Poll ``check`` until true; return how long it took, fail past the deadline."""
-    start = time.monotonic()
-    while True:
-        if await check():
-            return time.monotonic() - start
-        if time.monotonic() - start > seconds:
-            pytest.fail(f"not true within {seconds}s")
-        await asyncio.sleep(0.02)
 
 
 async def add_tenant(db: asyncpg.Connection, slug: str, **cols: object) -> str:
@@ -256,15 +232,6 @@ async def test_key_revocation_applies_within_one_second(
     assert await within(1.0, revoked) < 1.0
 
 
-async def _calls(db: asyncpg.Connection, fragment: str) -> int:
-    n = await db.fetchval(
-        "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements s JOIN pg_database d"
-        " ON d.oid = s.dbid WHERE d.datname = current_database() AND s.query LIKE $1",
-        f"%{fragment}%",
-    )
-    return int(n)
-
-
 async def test_a_thousand_concurrent_cold_requests_make_one_query(
     proxy: Proxy, db: asyncpg.Connection, http: aiohttp.ClientSession
 ) -> None:
@@ -279,15 +246,17 @@ async def test_a_thousand_concurrent_cold_requests_make_one_query(
 
     statuses = await asyncio.gather(*(one() for _ in range(1000)))
     assert statuses == [404] * 1000  # resolved, then no_route
-    assert await _calls(db, "t.slug = $1::citext") == 1
-    assert await _calls(db, "t.custom_domain = $1::citext") == 1  # custom domain looked up once
+    assert await statement_calls(db, "t.slug = $1::citext") == 1
+    assert (
+        await statement_calls(db, "t.custom_domain = $1::citext") == 1
+    )  # custom domain looked up once
 
     # Random unknown hosts: one query each, however often they are repeated.
     await db.execute("SELECT pg_stat_statements_reset()")
     hosts = [f"x{i}.unknown.example" for i in range(20)]
     results = await asyncio.gather(*(status_of(http, proxy, h) for h in hosts for _ in range(10)))
     assert {r[1] for r in results} == {"unknown_host"}
-    assert await _calls(db, "t.custom_domain = $1::citext") == 20
+    assert await statement_calls(db, "t.custom_domain = $1::citext") == 20
 
 
 async def test_challenge_and_tls_ask(
