@@ -25,6 +25,7 @@ from prometheus_client.core import Metric
 from proxy.access_log import AccessLog
 from proxy.audit.jsonl import JsonlAuditSink
 from proxy.audit.postgres import PostgresAuditSink
+from proxy.connection import ConnectionGate, listen
 from proxy.core.hosts import BadHost, normalize_host
 from proxy.errors import TenantStoreUnavailable
 from proxy.pipeline.audit import audit_stage
@@ -302,6 +303,7 @@ def runner_kwargs(settings: Settings) -> dict[str, object]:
         "access_log": None,  # the entry stage writes the access log (proxy.access_log)
         "max_line_size": s.max_line_size,
         "max_field_size": s.max_field_size,
+        "max_headers": s.max_headers,
         "keepalive_timeout": s.keepalive_timeout_s,
         # Request bodies pass through byte for byte, Content-Encoding and all.
         "auto_decompress": False,
@@ -316,22 +318,29 @@ async def serve(
     upstreams through ``reload`` without dropping a connection; a bad file is logged and the
     running configuration stays."""
     app = build_app(settings, stores)
-    runner = web.AppRunner(app, **runner_kwargs(settings))  # type: ignore[arg-type]
+    s = settings.server
+    handler_kwargs = runner_kwargs(settings)
+    runner = web.AppRunner(
+        app,
+        shutdown_timeout=s.shutdown_timeout_s,
+        **handler_kwargs,  # type: ignore[arg-type]
+    )
     draining = asyncio.Event()
     admin = web.AppRunner(build_admin_app(stores, draining, app[TELEMETRY]), access_log=None)
     await runner.setup()
     await admin.setup()
-    s = settings.server
-    # reuse_port: with --workers N every worker binds the same ports (SO_REUSEPORT).
-    site = web.TCPSite(
-        runner,
-        s.listen.host,
-        s.listen.port,
-        reuse_port=True,
-        backlog=1024,
-        shutdown_timeout=s.shutdown_timeout_s,
+    # The public listener's connections are proxy.connection's (parser errors as JSON, head
+    # deadline, connection cap); reuse_port: with --workers N every worker binds the same ports.
+    gate = ConnectionGate(
+        header_timeout_s=s.header_timeout_s,
+        max_connections=s.max_connections,
+        max_headers=s.max_headers,
+        max_line_size=s.max_line_size,
+        max_field_size=s.max_field_size,
     )
-    await site.start()
+    listener = await listen(
+        runner, s.listen.host, s.listen.port, gate, handler_kwargs, backlog=1024
+    )
     await web.TCPSite(admin, s.admin_listen.host, s.admin_listen.port, reuse_port=True).start()
     log.warning("listening on %s, admin on %s (pid %d)", s.listen, s.admin_listen, os.getpid())
     stop = asyncio.Event()
@@ -345,6 +354,7 @@ async def serve(
     await stop.wait()
     draining.set()
     log.warning("shutting down: draining in-flight requests")
+    listener.close()  # stop accepting; the runner then drains the open connections
     await runner.cleanup()
     await admin.cleanup()
 

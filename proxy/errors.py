@@ -105,7 +105,11 @@ class PayloadTooLarge(ProxyError):
 
 
 class HeadersTooLarge(ProxyError):
-    status, code, message = 431, "headers_too_large", "request head exceeds the size limit"
+    """431 (RFC 6585 §5): the request line, a header field, or the number of fields is over
+    the limit."""
+
+    status, code = 431, "request_header_fields_too_large"
+    message = "request head exceeds the size limit"
 
 
 class UpstreamUnavailable(ProxyError):

@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from proxy.core.hosts import BadHost, normalize_host
+from proxy.cparser import c_parser_in_use
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 AuthMode = Literal["api_key", "optional", "none"]
@@ -44,12 +45,20 @@ class ServerSettings:
     admin_listen: HostPort = HostPort("127.0.0.1", 9901)
     trusted_proxies: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.1/32"),)
     max_body_bytes: int = 104_857_600
+    # A client must finish each request head within this, counted from its first byte (from
+    # the accept for a new connection); aiohttp itself has no such deadline (slowloris).
     header_timeout_s: float = 10.0
     # aiohttp's defaults (8190 bytes per line and per field); beyond them the answer is 431.
     max_line_size: int = 8190
     max_field_size: int = 8190
+    # Header field lines per request; more is 431 (Envoy's max_headers_count default is 100).
+    max_headers: int = 100
     keepalive_timeout_s: float = 75.0
     shutdown_timeout_s: float = 30.0
+    # Open client connections per process; the next one is closed as soon as it is accepted.
+    max_connections: int = 10_000
+    # Start even though aiohttp fell back to its pure-Python HTTP parser (proxy.cparser).
+    allow_python_parser: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,10 +301,19 @@ def _server(t: _Table) -> ServerSettings:
         header_timeout_s=t.positive("header_timeout_s", d.header_timeout_s),
         max_line_size=t.positive_int("max_line_size", d.max_line_size),
         max_field_size=t.positive_int("max_field_size", d.max_field_size),
+        max_headers=t.positive_int("max_headers", d.max_headers),
         keepalive_timeout_s=t.positive("keepalive_timeout_s", d.keepalive_timeout_s),
         shutdown_timeout_s=t.positive("shutdown_timeout_s", d.shutdown_timeout_s),
+        max_connections=t.positive_int("max_connections", d.max_connections),
+        allow_python_parser=t.flag("allow_python_parser", d.allow_python_parser),
     )
     t.finish()
+    if not s.allow_python_parser and not c_parser_in_use():
+        # Checked here, before --workers forks, so the refusal is one line and exit 2.
+        raise ConfigError(
+            f"{t.key('allow_python_parser')}: aiohttp's C HTTP parser is not in use "
+            "(extension missing or AIOHTTP_NO_EXTENSIONS set); refusing to start"
+        )
     return s
 
 

@@ -17,6 +17,8 @@ import aiohttp
 from proxy.core.routes import RouteTable
 from proxy.settings import RouteSettings, Settings, UpstreamSettings
 
+UPSTREAM_MAX_FIELD_BYTES = 16 * 1024
+
 
 class UpstreamPool:
     __slots__ = ("_counter", "_session", "name", "settings", "timeout", "urls")
@@ -51,6 +53,11 @@ class UpstreamPool:
                 cookie_jar=aiohttp.DummyCookieJar(),
                 trust_env=False,
                 skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+                # An upstream's response head is bounded too (issue 9): past these, the
+                # response is refused (502) instead of held in memory. 16 KiB per line and per
+                # field leaves room for long Link/CSP headers; aiohttp's 128-field cap stays.
+                max_line_size=UPSTREAM_MAX_FIELD_BYTES,
+                max_field_size=UPSTREAM_MAX_FIELD_BYTES,
             )
         return self._session
 

@@ -105,7 +105,12 @@ async def _answer(
         log.exception("unhandled error request_id=%s", ctx.request_id)
         error = InternalError()
     ctx.error_code = error.code
-    return error_response(error, ctx.request_id)
+    response = error_response(error, ctx.request_id)
+    if error.status == 400:
+        # After a malformed request the connection is not trusted with another one: its framing
+        # may be off by any number of bytes (nginx closes after a 400 too).
+        response.force_close()
+    return response
 
 
 async def stamp_response(request: web.BaseRequest, response: web.StreamResponse) -> None:

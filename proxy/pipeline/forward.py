@@ -26,7 +26,13 @@ from proxy.core.forwarding import (
     request_headers_to_forward,
     response_headers_to_return,
 )
-from proxy.errors import PayloadTooLarge, ProxyError, UpstreamTimeout, UpstreamUnavailable
+from proxy.errors import (
+    BadRequest,
+    PayloadTooLarge,
+    ProxyError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from proxy.pipeline.websocket import is_websocket_upgrade, relay_websocket
 from proxy.telemetry import Telemetry
 from proxy.upstreams import Routing, UpstreamPool
@@ -46,19 +52,28 @@ class _RequestBody:
     limit: the upstream then sees a truncated chunked body, never a complete request.
     """
 
-    __slots__ = ("_content", "_limit", "sent", "too_large")
+    __slots__ = ("_content", "_limit", "client_failed", "sent", "too_large")
 
     def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
         self._content = content
         self._limit = limit
         self.sent = 0
         self.too_large = False
+        self.client_failed = False  # reading the client's body failed (bad framing, hang-up)
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._chunks()
 
     async def _chunks(self) -> AsyncIterator[bytes]:
-        async for chunk in self._content.iter_any():
+        chunks = self._content.iter_any()
+        while True:
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                return
+            except Exception:
+                self.client_failed = True
+                raise
             self.sent += len(chunk)
             if self.sent > self._limit:
                 self.too_large = True
@@ -159,6 +174,10 @@ class Forwarder:
                 # The request may have reached the upstream: no failover to another URL.
                 if body is not None and body.too_large:
                     raise PayloadTooLarge() from None
+                if body is not None and body.client_failed:
+                    # The client's body broke (bad chunk framing, hang-up): its fault, not the
+                    # upstream's; the upstream saw a cut-off body, never a complete request.
+                    raise BadRequest("malformed or interrupted request body") from None
                 raise UpstreamUnavailable() from None
         raise error
 

@@ -11,6 +11,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from proxy.context import CTX
 from proxy.core.cors import frame_ancestors
+from proxy.core.framing import framing_problem
 from proxy.core.hosts import BadHost, normalize_host
 from proxy.core.paths import BadTarget, split_target
 from proxy.errors import BadRequest, ChallengeNotFound, NoRoute
@@ -22,6 +23,10 @@ from proxy.upstreams import Routing
 async def target_stage(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Normalise the Host and resolve the path before anything routes or authenticates."""
     ctx = request[CTX]
+    # Framing first (RFC 9112 §6): what llhttp accepts but the proxy cannot forward faithfully.
+    problem = framing_problem(request.version, request.headers.getall("Transfer-Encoding", ()))
+    if problem is not None:
+        raise BadRequest(problem)
     hosts = request.headers.getall("Host", ())
     if len(hosts) != 1:
         # RFC 9112 §3.2: a request with no Host or several Host lines is answered 400.

@@ -1,0 +1,348 @@
+"""The client-facing HTTP/1.1 connection: aiohttp's ``RequestHandler`` plus what an edge needs
+and aiohttp does not do (issue 9, CONTRACT §8).
+
+Why a protocol subclass, and why hooked in this way:
+
+- **Parser errors as the contract's JSON.** A request that aiohttp's parser rejects (llhttp's
+  ``BadHttpMessage``, ``LineTooLong``, too many headers...) never becomes an application
+  request: ``RequestHandler.data_received`` queues the error and ``start()`` answers it through
+  ``RequestHandler.handle_error``, outside the application, so no middleware can see it. That
+  answer is ``text/plain`` "400 Bad Request", and the exception is logged with a traceback and
+  the offending bytes (a broken ``Authorization`` line would put an API key in the log).
+  ``handle_error`` is therefore overridden: CONTRACT §8 JSON with a fresh request id, 431
+  ``request_header_fields_too_large`` for an oversized request line or field and for too many
+  fields, 400 ``bad_request`` otherwise, the connection closed, and one log line without bytes.
+- **A deadline for the request head** (``server.header_timeout_s``). aiohttp has none: its
+  ``keepalive_timeout`` only closes connections that sit idle *between* requests, so a client
+  dripping a head one byte at a time holds a connection (and its memory) forever (slowloris).
+  nginx's ``client_header_timeout`` is the model: the clock starts at the accept for a new
+  connection and at the first byte of each later request on a kept-alive one, stops when the
+  head is complete, and on expiry the connection is closed (after a 408 JSON when part of a head
+  had arrived; a connection that never sent a byte is just closed).
+- **A cap on open connections per process** (``server.max_connections``). Past it a new
+  connection is closed as soon as it is accepted, so excess load is refused at once instead of
+  queueing in the backlog or eating file descriptors until the process falls over (Envoy's
+  listener connection limit behaves the same way).
+
+aiohttp has no parameter for the protocol class (``web.Server.__call__`` constructs
+``RequestHandler`` itself), so the listener is created here with ``loop.create_server`` and a
+factory that builds ``EdgeRequestHandler`` around the runner's ``web.Server``
+(``AppRunner.server``, public). Everything else stays aiohttp's: the ``AppRunner`` still runs the
+application's startup and cleanup, and ``Server.shutdown`` still drains every connection on
+SIGTERM. "The head is complete" is learnt from a wrapper around ``web.Server.request_handler``
+(a public attribute): it runs when aiohttp starts handling a parsed request.
+
+One more gap is closed here: llhttp can fail *after* a request was handed to the application
+(a bad chunk size arriving after the head). aiohttp then queues the error behind that request
+and never finishes its body, so the request would wait forever with an upstream connection
+open. ``data_received`` notices it and answers 400 and closes (see ``_refuse_body``).
+
+What this relies on in aiohttp (3.14; pinned by ``tests/e2e/test_smuggling.py`` and
+``tests/unit/test_http_hardening.py``): the ``RequestHandler(manager, loop=..., **kwargs)``
+constructor, ``handle_error``'s signature and that parse errors reach it with the parser's
+exception, ``force_close()``, ``request.writer.output_size``, and one private attribute, read
+only: ``RequestHandler._request_count`` (messages parsed on the connection, kept since aiohttp
+3.0), the only sign that the parser failed while a body was streaming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from http import HTTPStatus
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.streams import StreamReader
+
+from proxy.context import CTX
+from proxy.errors import BadRequest, HeadersTooLarge, InternalError, ProxyError
+from proxy.pipeline.entry import error_response
+
+log = logging.getLogger("proxy.connection")
+
+RequestHandlerFn = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+# llhttp's (and the Python parser's) message when a head has more than ``max_headers`` fields.
+TOO_MANY_HEADERS = "Too many headers received"
+
+
+class RequestHeadTimeout(ProxyError):
+    status, code, message = 408, "request_timeout", "the request head was not received in time"
+
+
+class ConnectionGate:
+    """The settings every connection of one listener shares, and its count of open ones."""
+
+    __slots__ = (
+        "_last_report",
+        "header_timeout_s",
+        "max_connections",
+        "max_field_size",
+        "max_headers",
+        "max_line_size",
+        "open",
+        "refused",
+    )
+
+    def __init__(
+        self,
+        *,
+        header_timeout_s: float,
+        max_connections: int,
+        max_headers: int,
+        max_line_size: int,
+        max_field_size: int,
+    ) -> None:
+        self.header_timeout_s = header_timeout_s
+        self.max_connections = max_connections
+        self.max_headers = max_headers
+        self.max_line_size = max_line_size
+        self.max_field_size = max_field_size
+        self.open = 0
+        self.refused = 0  # connections closed at the limit, since start
+        self._last_report = -1e9
+
+    def admit(self, now: float) -> bool:
+        if self.open < self.max_connections:
+            self.open += 1
+            return True
+        self.refused += 1
+        if now - self._last_report >= 10.0:  # one line per 10 s, not one per refusal
+            self._last_report = now
+            log.warning(
+                "connection limit reached (%d open): refusing new connections (%d so far)",
+                self.open,
+                self.refused,
+            )
+        return False
+
+    def release(self) -> None:
+        self.open -= 1
+
+
+_QUOTED_TAIL = re.compile(r""":\s*(?:b?['"]|bytearray\().*$""")
+
+
+def _describe(exc: BaseException | None) -> str:
+    """The parser's own description, without the bytes it quotes (they may hold a key)."""
+    text = exc.message if isinstance(exc, HttpProcessingError) else ""
+    first = str(text).split("\n", 1)[0]
+    first = _QUOTED_TAIL.sub("", first).strip().rstrip(":").strip()
+    return first[:160] or "malformed request"
+
+
+def parser_error(status: int, exc: BaseException | None, gate: ConnectionGate) -> ProxyError:
+    """The contract error for what aiohttp's protocol would have answered with ``status``."""
+    if isinstance(exc, LineTooLong):
+        return HeadersTooLarge(
+            f"the request line is over {gate.max_line_size} bytes or a header field is "
+            f"over {gate.max_field_size} bytes"
+        )
+    if isinstance(exc, HttpProcessingError) and exc.message == TOO_MANY_HEADERS:
+        return HeadersTooLarge(f"more than {gate.max_headers} header fields")
+    if 400 <= status < 500:
+        return BadRequest(_describe(exc))
+    return InternalError()
+
+
+def raw_error(error: ProxyError, rid: str | None = None) -> bytes:
+    """A complete ``Connection: close`` response, written straight to the transport where
+    aiohttp's response machinery cannot be used (no request yet, or one being handled)."""
+    rid = rid or str(uuid.uuid4())
+    body = orjson.dumps(
+        {"error": {"code": error.code, "message": error.message, "request_id": rid}}
+    )
+    head = (
+        f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"X-Request-Id: {rid}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+class EdgeRequestHandler(web.RequestHandler):
+    """One client connection. See the module docstring for what it adds and why."""
+
+    __slots__ = ("_admitted", "_current", "_gate", "_head_bytes", "_head_timer", "_last_body")
+
+    def __init__(self, manager: web.Server, gate: ConnectionGate, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._gate = gate
+        self._admitted = False
+        self._current: web.BaseRequest | None = None  # the request being handled
+        self._head_bytes = False  # bytes of the next head have arrived
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._last_body: StreamReader | None = None  # the body of the last request handled
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        loop = asyncio.get_running_loop()
+        if not self._gate.admit(loop.time()):
+            transport.close()  # refused at once: no task, no parser work, no timer
+            return
+        self._admitted = True
+        super().connection_made(transport)
+        self._arm()  # a new connection must send its first head in time (nginx does too)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self._admitted:
+            return
+        self._admitted = False
+        self._gate.release()
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._admitted:
+            return
+        # Bytes that arrive while no request is being handled and the last one's body is
+        # complete belong to the next head: its clock starts with the first of them. Body
+        # bytes (an upload in progress, or aiohttp's lingering read) never start it.
+        request = self._current
+        if request is None:
+            if data and (self._last_body is None or self._last_body.is_eof()):
+                self._head_bytes = True
+                self._arm()
+            super().data_received(data)
+            return
+        parsed = self._request_count
+        super().data_received(data)
+        if self._request_count != parsed and not request.content.is_eof():
+            # The parser produced a message while the body being handled is unfinished: that
+            # can only be an error (a bad chunk size arriving after the head). aiohttp queues
+            # it behind the request and leaves the request's body waiting forever.
+            self._refuse_body(request)
+
+    # ------------------------------------------------------------------ aiohttp hooks
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's error answer (parser errors, and anything that escaped the app) as the
+        contract's JSON; the connection is closed after it, as aiohttp does."""
+        self._disarm()
+        if request.writer.output_size > 0:
+            # Part of a response is out: nothing valid can follow; aiohttp drops the connection.
+            raise ConnectionError("response already started; cannot send an error")
+        error = parser_error(status, exc, self._gate)
+        if error.status >= 500:
+            log.error("unhandled error answering %s", request.remote, exc_info=exc)
+        else:
+            log.info(
+                "refused a malformed request from %s: %d %s (%s)",
+                request.remote,
+                error.status,
+                type(exc).__name__,
+                _describe(exc),
+            )
+        rid = str(uuid.uuid4())
+        response = error_response(error, rid)
+        response.headers["X-Request-Id"] = rid
+        # aiohttp answers a request it could not parse as HTTP/1.0 (it never learnt the
+        # version), where closing is the default; say it anyway, for HTTP/1.1 clients.
+        response.headers["Connection"] = "close"
+        response.force_close()
+        return response
+
+    def head_received(self, request: web.BaseRequest) -> None:
+        """Called as aiohttp starts handling a parsed request: its head is complete."""
+        self._disarm()
+        self._current = request
+        self._head_bytes = False
+        self._last_body = request.content
+
+    def request_done(self) -> None:
+        self._current = None
+
+    def _refuse_body(self, request: web.BaseRequest) -> None:
+        """The body of the request in progress broke its framing: answer 400 if no response
+        has started, and close. Closing fails the body for the handler (aiohttp sets
+        ``ConnectionResetError`` on it), so the upstream sees a truncated body, never a
+        complete request, and its connection is not reused."""
+        log.info("refused a malformed request body from %s", request.remote)
+        transport = self.transport
+        if transport is not None and request.writer.output_size == 0:
+            ctx = request.get(CTX)
+            rid = ctx.request_id if ctx is not None else None
+            transport.write(raw_error(BadRequest("malformed chunked body"), rid))
+        self.force_close()
+
+    # ------------------------------------------------------------------ the head deadline
+
+    def _arm(self) -> None:
+        if self._head_timer is None:
+            loop = asyncio.get_running_loop()
+            self._head_timer = loop.call_later(self._gate.header_timeout_s, self._head_expired)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        transport = self.transport
+        if self._current is not None or transport is None:
+            return
+        if self._head_bytes:
+            # RFC 9110 §15.5.9: 408 tells the client why, before the server closes.
+            transport.write(raw_error(RequestHeadTimeout()))
+        log.info(
+            "closed a connection: no complete request head in %ss", self._gate.header_timeout_s
+        )
+        self.force_close()
+
+
+def _guard(handler: RequestHandlerFn) -> RequestHandlerFn:
+    """Wrap ``web.Server.request_handler``: tells the connection when a head is complete and
+    when the request is done (the header deadline must not run during a request)."""
+
+    async def guarded(request: web.BaseRequest) -> web.StreamResponse:
+        protocol = request.protocol
+        edge = protocol if isinstance(protocol, EdgeRequestHandler) else None
+        if edge is not None:
+            edge.head_received(request)
+        try:
+            return await handler(request)
+        finally:
+            if edge is not None:
+                edge.request_done()
+
+    return guarded
+
+
+async def listen(
+    runner: web.AppRunner,
+    host: str,
+    port: int,
+    gate: ConnectionGate,
+    handler_kwargs: Mapping[str, Any],
+    *,
+    backlog: int,
+) -> asyncio.AbstractServer:
+    """Bind ``host:port`` (SO_REUSEPORT, for --workers) with ``EdgeRequestHandler`` connections
+    served by ``runner``'s application. Close the returned server before ``runner.cleanup()``."""
+    server = runner.server
+    if server is None:
+        raise RuntimeError("runner.setup() must run before listen()")
+    server.request_handler = _guard(server.request_handler)
+    loop = asyncio.get_running_loop()
+    kwargs = dict(handler_kwargs)
+
+    def connection() -> EdgeRequestHandler:
+        return EdgeRequestHandler(server, gate, loop=loop, **kwargs)
+
+    return await loop.create_server(connection, host, port, reuse_port=True, backlog=backlog)
