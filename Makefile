@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench venv clean
+.PHONY: run test lint bench bench-workers loadtest venv clean
 
 # The venv is (re)built when pyproject.toml changes; a fresh clone needs nothing else.
 $(STAMP): pyproject.toml
@@ -14,6 +14,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# locust (the `load` extra) only for `make loadtest`: it brings gevent, which nothing else needs.
+LOAD_STAMP := $(VENV)/.load-stamp
+$(LOAD_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[load]'
+	touch $(LOAD_STAMP)
 
 # The proxy on the embedded default (no Postgres, no Redis) in front of the demo upstream.
 run: venv
@@ -30,6 +36,19 @@ test: venv
 bench: venv
 	bash scripts/ensure-test-servers.sh
 	$(BIN)/python loadtests/bench.py
+
+# The proxy with 2 workers on both cores (the load generator then shares them): how it scales.
+bench-workers: venv
+	bash scripts/ensure-test-servers.sh
+	$(BIN)/python loadtests/bench.py --workers 2
+
+# Realistic reseller traffic with locust against a local stack it starts itself (Postgres, Redis,
+# echo upstream, proxy in database mode); reports in var/loadtest/, non-zero exit on a failed
+# check. `make loadtest DURATION=120` runs longer.
+DURATION ?= 30
+loadtest: $(LOAD_STAMP)
+	bash scripts/ensure-test-servers.sh
+	$(BIN)/python loadtests/loadtest.py --duration $(DURATION)
 
 lint: venv
 	$(BIN)/ruff check proxy tests loadtests
