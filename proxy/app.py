@@ -31,7 +31,7 @@ from proxy.errors import TenantStoreUnavailable
 from proxy.pipeline.audit import audit_stage
 from proxy.pipeline.auth import auth_stage
 from proxy.pipeline.cors import cors_stage
-from proxy.pipeline.entry import entry_stage, stamp_response
+from proxy.pipeline.entry import entry_stage, expect_handler, stamp_response
 from proxy.pipeline.forward import Forwarder
 from proxy.pipeline.ratelimit import LimitCounters, ratelimit_stage
 from proxy.pipeline.routing import challenge_stage, route_stage, target_stage
@@ -236,7 +236,7 @@ def build_app(
     app[TELEMETRY] = telemetry
     telemetry.collect_from(store_metrics(stores))
     forwarder = Forwarder(routing, settings.server.max_body_bytes, telemetry)
-    app.router.add_route("*", "/{tail:.*}", forwarder.handle)
+    app.router.add_route("*", "/{tail:.*}", forwarder.handle, expect_handler=expect_handler)
     app.on_response_prepare.append(stamp_response)
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:

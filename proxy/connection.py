@@ -40,7 +40,9 @@ open. ``data_received`` notices it and answers 400 and closes (see ``_refuse_bod
 What this relies on in aiohttp (3.14; pinned by ``tests/e2e/test_smuggling.py`` and
 ``tests/unit/test_http_hardening.py``): the ``RequestHandler(manager, loop=..., **kwargs)``
 constructor, ``handle_error``'s signature and that parse errors reach it with the parser's
-exception, ``force_close()``, ``request.writer.output_size``, and one private attribute, read
+exception, ``force_close()``, ``request.writer.output_size``, ``web.Server.request_factory``
+(wrapped by ``_tolerant``, pinned by ``tests/fuzz/corpus/line-absolute-form-bad-idna-host.txt``)
+and its message's ``_replace`` (a NamedTuple), and one private attribute, read
 only: ``RequestHandler._request_count`` (messages parsed on the connection, kept since aiohttp
 3.0), the only sign that the parser failed while a body was streaming.
 """
@@ -57,6 +59,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import RawRequestMessage
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.streams import StreamReader
 
@@ -324,6 +328,47 @@ def _guard(handler: RequestHandlerFn) -> RequestHandlerFn:
     return guarded
 
 
+RequestFactory = Callable[
+    [
+        RawRequestMessage,
+        StreamReader,
+        web.RequestHandler,
+        AbstractStreamWriter,
+        "asyncio.Task[None]",
+    ],
+    web.BaseRequest,
+]
+
+
+def _tolerant(factory: RequestFactory) -> RequestFactory:
+    """Wrap ``web.Server.request_factory`` (a public attribute, like ``request_handler``).
+
+    For an absolute-form target aiohttp resolves the URL's host through IDNA while it builds
+    the request (``BaseRequest.__init__`` reads ``url.host``). A host such as ``xn--`` raises
+    there, outside every handler: the connection's task dies ("Task exception was never
+    retrieved", with a traceback in the log) and the client hears nothing until the head
+    deadline answers 408. On that failure the request is built from the target's origin-form
+    part instead; ``raw_path`` keeps the raw target, so the target stage refuses it with 400
+    as it refuses any absolute-form target whose authority is not the ``Host``."""
+
+    def make(
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: web.RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        try:
+            return factory(message, payload, protocol, writer, task)
+        except ValueError:
+            if not message.url.absolute:
+                raise
+            relative = message._replace(url=message.url.relative())
+            return factory(relative, payload, protocol, writer, task)
+
+    return make
+
+
 async def listen(
     runner: web.AppRunner,
     host: str,
@@ -339,6 +384,7 @@ async def listen(
     if server is None:
         raise RuntimeError("runner.setup() must run before listen()")
     server.request_handler = _guard(server.request_handler)
+    server.request_factory = _tolerant(server.request_factory)
     loop = asyncio.get_running_loop()
     kwargs = dict(handler_kwargs)
 

@@ -143,9 +143,13 @@ def bearer_key(authorization: str | None) -> str | None:
     """The API key in ``Authorization: Bearer fr_...``; other bearer tokens are not keys."""
     if authorization is None:
         return None
-    scheme, _, token = authorization.strip().partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not looks_like_key(token):
+    # Any whitespace after the scheme, not only SP (RFC 9110 §11.4): "Bearer<TAB>fr_live_…" is
+    # a key too, and must be judged (and kept from the upstream) like one.
+    parts = authorization.split(None, 1)
+    if len(parts) != 2 or parts[0].lower() != "bearer":
+        return None
+    token = parts[1].strip()
+    if not looks_like_key(token):
         return None
     return token
 

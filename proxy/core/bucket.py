@@ -44,14 +44,34 @@ def take(state: BucketState | None, capacity: int, now: float) -> tuple[BucketSt
 
 
 def decide(allowed: bool, tokens: float, capacity: int) -> Decision:
-    """The decision (and its headers' figures) from the tokens left after the request."""
-    rate = capacity / WINDOW_S
+    """The decision (and its headers' figures) from the tokens left after the request.
+
+    Seconds are ``missing * WINDOW_S / capacity``, not ``missing / (capacity / WINDOW_S)``: the
+    rate is rarely exact in binary, and dividing by it made an empty bucket of 11 rpm (and a
+    tenth of all capacities) report ``Reset: 61`` in a 60 s window. With whole tokens missing,
+    this form is exact, so ``ceil`` never adds a second that is not there."""
     return Decision(
         allowed=allowed,
         limit=capacity,
         remaining=int(tokens),
-        reset_s=math.ceil((capacity - tokens) / rate),
-        retry_after_s=0 if allowed else max(1, math.ceil((1.0 - tokens) / rate)),
+        reset_s=math.ceil((capacity - tokens) * WINDOW_S / capacity),
+        retry_after_s=0 if allowed else max(1, math.ceil((1.0 - tokens) * WINDOW_S / capacity)),
+    )
+
+
+def nothing_allowed(capacity: int) -> Decision:
+    """The decision for a capacity under one token, which admits nothing.
+
+    The identity schema lets a key row say ``rate_limit_rpm = 0`` (or less). Such a capacity
+    must never reach a store: the math above divides by it, and the Redis script, failing on
+    it, failed its whole batch and tripped the limiter's breaker for every tenant (503 for all
+    with ``failure_mode = "closed"``; with ``"open"`` the fallback even admitted the key)."""
+    return Decision(
+        allowed=False,
+        limit=max(capacity, 0),
+        remaining=0,
+        reset_s=0,
+        retry_after_s=int(WINDOW_S),  # retrying never helps; say so at the longest sensible wait
     )
 
 

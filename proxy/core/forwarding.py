@@ -6,6 +6,7 @@
 - Headers the proxy sets itself are dropped from the inbound side first, so a client can never
   spoof them: ``X-FlatRender-*`` (CONTRACT §7), the ``X-Forwarded-*`` trio and RFC 7239
   ``Forwarded`` (rebuilt from what the proxy knows), ``X-Request-Id``.
+- A field whose value is not valid UTF-8 is dropped: aiohttp cannot send it unaltered.
 - The client address follows the "right-most untrusted" rule used by nginx's realip module and
   Envoy's ``xff_num_trusted_hops``: only a trusted peer's ``X-Forwarded-For`` is believed.
 """
@@ -49,6 +50,7 @@ _REQUEST_DROP = HOP_BY_HOP | {
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 
 SPOOF_PREFIX = "x-flatrender-"
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2 field-name
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
@@ -61,12 +63,30 @@ def connection_named(headers: Iterable[Header]) -> frozenset[str]:
     return frozenset(named)
 
 
+def _forwardable(value: str) -> bool:
+    """Whether aiohttp's writer sends ``value`` as it was received.
+
+    aiohttp decodes field bytes that are not UTF-8 (RFC 9110's obs-text) to lone surrogates and
+    its writer silently deletes those when it serialises a head, so the next hop would get a
+    different value: ``Bearer\\xff fr_live_…``, judged not to be a key here, would arrive as a
+    well-formed ``Bearer fr_live_…``. Such a field is dropped rather than altered."""
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _filter(headers: Sequence[Header], drop: frozenset[str]) -> list[Header]:
     extra = connection_named(headers)
     kept: list[Header] = []
     for name, value in headers:
         low = name.lower()
         if low in drop or low in extra or low.startswith("proxy-") or low.startswith(SPOOF_PREFIX):
+            continue
+        if not _forwardable(value):
             continue
         kept.append((name, value))
     return kept
@@ -82,9 +102,14 @@ def response_headers_to_return(headers: Sequence[Header]) -> list[Header]:
 
     ``X-FlatRender-*`` from upstream is dropped too: it is an internal namespace. So is every
     ``Access-Control-*``: CORS is the proxy's decision per tenant (CONTRACT §4), and an upstream
-    answering ``*`` must not widen it.
+    answering ``*`` must not widen it. So is a field whose name is not a token (RFC 9110
+    §5.6.2): aiohttp's client parses responses leniently and hands over ``Content-Length ``
+    (a space before the colon) as a name of its own, which none of the rules above recognise;
+    re-sent beside the proxy's own framing, a lenient next hop would read two.
     """
-    return [h for h in _filter(headers, _RESPONSE_DROP) if not _is_cors(h[0])]
+    return [
+        h for h in _filter(headers, _RESPONSE_DROP) if not _is_cors(h[0]) and _TOKEN.fullmatch(h[0])
+    ]
 
 
 def _is_cors(name: str) -> bool:

@@ -53,7 +53,10 @@ def split_target(target: str, host: str) -> tuple[str, str]:
     if not target.startswith("/"):
         if target == "*" or "://" not in target:
             raise BadTarget("unsupported request-target form")
-        parts = urlsplit(target)
+        try:
+            parts = urlsplit(target)
+        except ValueError:  # "http://[::1/x" (unclosed IPv6 literal), NFKC-unsafe authority
+            raise BadTarget("malformed absolute-form target") from None
         if parts.scheme.lower() not in ("http", "https") or parts.netloc.lower() != host.lower():
             raise BadTarget("absolute-form target does not match Host")
         target = parts.path or "/"

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import orjson
 from aiohttp import web
+from aiohttp.http import HttpVersion11
 from aiohttp.typedefs import Handler, Middleware
 
 from proxy.access_log import AccessLog
@@ -111,6 +112,20 @@ async def _answer(
         # may be off by any number of bytes (nginx closes after a 400 too).
         response.force_close()
     return response
+
+
+async def expect_handler(request: web.Request) -> None:
+    """``Expect`` handling for the catch-all route; aiohttp runs it before any middleware.
+
+    aiohttp's default answers any expectation other than ``100-continue`` with a text/plain 417
+    of its own, outside the pipeline: no contract JSON, no request id. RFC 9110 §10.1.1 makes
+    that 417 a MAY, and the forwarder drops ``Expect``, so an unknown expectation is ignored and
+    the request goes through the pipeline like any other. ``100-continue`` is answered as
+    aiohttp does (HTTP/1.1 only)."""
+    expect = request.headers.get("Expect", "")
+    if request.version == HttpVersion11 and expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim answer is not the response's start
 
 
 async def stamp_response(request: web.BaseRequest, response: web.StreamResponse) -> None:

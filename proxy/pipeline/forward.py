@@ -83,8 +83,10 @@ class _RequestBody:
 
 def upstream_headers(request: web.Request, ctx: RequestContext) -> CIMultiDict[str]:
     headers = CIMultiDict(request_headers_to_forward(list(request.headers.items())))
-    if bearer_key(headers.get("Authorization")) is not None:
-        del headers["Authorization"]  # a raw key never goes upstream; other tokens do
+    if any(bearer_key(v) is not None for v in headers.getall("Authorization", ())):
+        # A raw key never goes upstream; other tokens do. Every Authorization line counts:
+        # the auth stage reads the first, a key hidden in a second one must not pass either.
+        del headers["Authorization"]
     if request.content_length is not None:
         headers["Content-Length"] = str(request.content_length)
     headers["X-Forwarded-For"] = ctx.forwarded_for
@@ -137,7 +139,7 @@ class Forwarder:
                 upstream = await self._send(request.method, pool, target, headers, body)
                 if span is not None:
                     span.set_attribute("http.response.status_code", upstream.status)
-                return await self._relay(request, upstream)
+                return await self._relay(request, upstream, pool.settings.read_timeout_s)
             except (UpstreamUnavailable, UpstreamTimeout) as e:
                 self._telemetry.upstream_error(pool.name, e.code)
                 raise
@@ -182,7 +184,7 @@ class Forwarder:
         raise error
 
     async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse
+        self, request: web.Request, upstream: aiohttp.ClientResponse, read_timeout_s: float
     ) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         for name, value in response_headers_to_return(list(upstream.headers.items())):
@@ -191,10 +193,24 @@ class Forwarder:
             response.content_length = upstream.content_length
         try:
             await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
+            chunks = upstream.content.iter_any()
+            while True:
+                # aiohttp's C parser, failing on a response body after good chunks (a bad
+                # chunk size), closes the connection and drops the sock_read timer but never
+                # ends nor fails the body: the relay would wait forever. This deadline between
+                # chunks (read_timeout_s, as documented) turns that into a cut connection.
+                try:
+                    async with asyncio.timeout(read_timeout_s):
+                        chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
                 await response.write(chunk)
-        except ConnectionResetError:
-            # The client went away: not an error of ours (nginx logs 499 for it). Close the
+        except ConnectionError:
+            # The client went away: not an error of ours (nginx logs 499 for it). aiohttp says so
+            # with ConnectionResetError, or, when it happens while a write waits for the socket
+            # to drain, with a bare ConnectionError("Connection lost") (which was logged as an
+            # unhandled error and answered 500). No upstream read failure is a ConnectionError:
+            # those are aiohttp.ClientError and TimeoutError, handled below. Close the
             # upstream rather than drain a multi-GB body into nothing, and hand aiohttp the
             # response: its final write fails quietly and it drops the connection.
             upstream.close()

@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from proxy.context import CTX
-from proxy.core.bucket import limit_headers
+from proxy.core.bucket import limit_headers, nothing_allowed
 from proxy.errors import RateLimited
 from proxy.settings import RatelimitSettings
 from proxy.stores.base import BucketStore
@@ -44,7 +44,10 @@ def ratelimit_stage(
         else:
             return await handler(request)
         with telemetry.span("edge.ratelimit") as span:
-            decision = await buckets.take(bucket, capacity)
+            if capacity >= 1:
+                decision = await buckets.take(bucket, capacity)
+            else:  # a key row saying 0 rpm: see nothing_allowed
+                decision = nothing_allowed(capacity)
             if decision.allowed:
                 counters.allowed += 1
                 ctx.limit_decision = "allowed"
