@@ -64,9 +64,11 @@ class Echo:
 
 def start_echo() -> Echo:
     port = free_port()
+    # Output to a file: a pipe nobody reads would fill up and block the echo upstream.
+    log = Path(tempfile.mkstemp(prefix="edge-echo-", suffix=".log")[1])
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "loadtests" / "echo_upstream.py"), "--port", str(port)],
-        stdout=subprocess.PIPE,
+        stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )
     wait_port(port, proc)
