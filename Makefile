@@ -6,20 +6,15 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: run test lint bench bench-workers loadtest venv clean
 
-# The venv is (re)built when pyproject.toml changes; a fresh clone needs nothing else.
+# The venv is (re)built when pyproject.toml changes; a fresh clone needs nothing else. The load
+# extra (locust) is installed too, so that the tests that import the load scripts run, not skip.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,load]'
 	touch $(STAMP)
 
 venv: $(STAMP)
-
-# locust (the `load` extra) only for `make loadtest`: it brings gevent, which nothing else needs.
-LOAD_STAMP := $(VENV)/.load-stamp
-$(LOAD_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e '.[load]'
-	touch $(LOAD_STAMP)
 
 # The proxy on the embedded default (no Postgres, no Redis) in front of the demo upstream.
 run: venv
@@ -46,7 +41,7 @@ bench-workers: venv
 # echo upstream, proxy in database mode); reports in var/loadtest/, non-zero exit on a failed
 # check. `make loadtest DURATION=120` runs longer.
 DURATION ?= 30
-loadtest: $(LOAD_STAMP)
+loadtest: venv
 	bash scripts/ensure-test-servers.sh
 	$(BIN)/python loadtests/loadtest.py --duration $(DURATION)
 
