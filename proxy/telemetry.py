@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import re
 import secrets
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
 from opentelemetry.sdk.resources import Resource
@@ -191,12 +191,3 @@ def counter(
 
 def gauge(name: str, doc: str, value: float) -> Metric:
     return GaugeMetricFamily(name, doc, value=value)
-
-
-@contextlib.contextmanager
-def attributes(span: Span | None) -> Iterator[Callable[[str, Any], None]]:
-    """``with attributes(span) as put: put("key", value)``, a no-op without a span."""
-    if span is None:
-        yield lambda _k, _v: None
-    else:
-        yield span.set_attribute

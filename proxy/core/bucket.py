@@ -54,8 +54,10 @@ def decide(allowed: bool, tokens: float, capacity: int) -> Decision:
         allowed=allowed,
         limit=capacity,
         remaining=int(tokens),
-        reset_s=math.ceil((capacity - tokens) * WINDOW_S / capacity),
-        retry_after_s=0 if allowed else max(1, math.ceil((1.0 - tokens) * WINDOW_S / capacity)),
+        reset_s=_whole_seconds((capacity - tokens) * WINDOW_S / capacity),
+        retry_after_s=0
+        if allowed
+        else max(1, _whole_seconds((1.0 - tokens) * WINDOW_S / capacity)),
     )
 
 
@@ -73,6 +75,12 @@ def nothing_allowed(capacity: int) -> Decision:
         reset_s=0,
         retry_after_s=int(WINDOW_S),  # retrying never helps; say so at the longest sensible wait
     )
+
+
+def _whole_seconds(seconds: float) -> int:
+    """Round up to whole seconds, ignoring float noise: a fractional token count (tokens are
+    refilled continuously) can leave 54.000000000000007 where the exact figure is 54."""
+    return max(0, math.ceil(seconds - 1e-9))
 
 
 def seconds_until_token(tokens: float, capacity: int) -> float:

@@ -171,7 +171,6 @@ class PostgresStore:
         self._timeout = timeout_s
         self._max = max_connections
         self._pool: asyncpg.Pool | None = None
-        self.queries = 0
         self.errors = 0
 
     async def start(self) -> None:
@@ -183,7 +182,6 @@ class PostgresStore:
 
     async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[_T]]) -> _T:
         assert self._pool is not None, "start() first"
-        self.queries += 1
         try:
             return await run_bounded(self._pool, fn, self._timeout)
         except DB_ERRORS as e:
