@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import asyncpg
 import pytest
+
+from proxy.migrate import apply_migrations
 
 
 async def within(seconds: float, check: Callable[[], Awaitable[bool]]) -> float:
@@ -28,3 +32,22 @@ async def statement_calls(db: asyncpg.Connection, fragment: str) -> int:
         f"%{fragment}%",
     )
     return int(n)
+
+
+def seeded_database(
+    server: Any, prefix: str, seed: Callable[[asyncpg.Connection], Awaitable[None]]
+) -> str:
+    """A fresh database on ``server``: migrated, pg_stat_statements on, then ``seed(conn)``."""
+    url: str = server.create_database(f"{prefix}_{uuid.uuid4().hex[:10]}")
+
+    async def run() -> None:
+        await apply_migrations(url)
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            await seed(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+    return url

@@ -19,9 +19,8 @@ import aiohttp
 import asyncpg
 import pytest
 
-from proxy.migrate import apply_migrations
 from proxy.stores.keyadmin import create_key
-from tests.e2e.support import statement_calls, within
+from tests.e2e.support import seeded_database, statement_calls, within
 from tests.procs import (
     ROOT,
     Echo,
@@ -41,26 +40,17 @@ HOST = "videos.acme.test"
 
 @pytest.fixture(scope="module")
 def dsn(postgres_server: PostgresServer) -> str:
-    url = postgres_server.create_database(f"keys_{uuid.uuid4().hex[:10]}")
-    asyncio.run(apply_migrations(url))
+    async def seed(conn: asyncpg.Connection) -> None:
+        await conn.execute(
+            """INSERT INTO identity.tenants (id, slug, name, status, custom_domain,
+               domain_verified) VALUES ($1, 'acme', 'Acme', 'Active', $3, true),
+               ($2, 'globex', 'Globex', 'Active', NULL, false)""",
+            ACME,
+            GLOBEX,
+            HOST,
+        )
 
-    async def seed() -> None:
-        conn = await asyncpg.connect(url)
-        try:
-            await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-            await conn.execute(
-                """INSERT INTO identity.tenants (id, slug, name, status, custom_domain,
-                   domain_verified) VALUES ($1, 'acme', 'Acme', 'Active', $3, true),
-                   ($2, 'globex', 'Globex', 'Active', NULL, false)""",
-                ACME,
-                GLOBEX,
-                HOST,
-            )
-        finally:
-            await conn.close()
-
-    asyncio.run(seed())
-    return url
+    return seeded_database(postgres_server, "keys", seed)
 
 
 @pytest.fixture(scope="module")

@@ -405,3 +405,23 @@ async def test_burst_is_exact_through_sentinel(
     finally:
         stop(a.proc)
         stop(b.proc)
+
+
+async def test_fail_open_buckets_hold_rpm_over_expected_instances(
+    echo: Echo, own_redis: RedisServer, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """With Redis gone, each process answers from a bucket of rpm / expected_instances, so N
+    proxies together stay near the configured limit (CONTRACT §6, failure_mode = "open")."""
+    key = mint()
+    tenants = tenants_file(tmp_path / "t.toml", {"k": (key, 10)})
+    proxy = start_proxy(
+        config(tmp_path, echo, tenants, failure_mode="open", expected_instances=2),
+        env={"REDIS_URL": own_redis.url},
+    )
+    try:
+        own_redis.kill()
+        statuses = await burst(http, [proxy], key, 12)
+        assert statuses.count(200) == 5 and statuses.count(429) == 7
+    finally:
+        output = proxy.output()
+    assert "Traceback" not in output

@@ -16,8 +16,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from proxy.migrate import apply_migrations
-from tests.e2e.support import statement_calls, within
+from tests.e2e.support import seeded_database, statement_calls, within
 from tests.procs import Echo, Proxy, free_port, start_proxy, stop, write_config
 from tests.servers import PostgresServer
 
@@ -27,30 +26,21 @@ PAGE = "https://www.acme.test"
 
 @pytest.fixture(scope="module")
 def dsn(postgres_server: PostgresServer) -> str:
-    url = postgres_server.create_database(f"tenancy_{uuid.uuid4().hex[:10]}")
-    asyncio.run(apply_migrations(url))
+    async def seed(conn: asyncpg.Connection) -> None:
+        await conn.execute(
+            """INSERT INTO identity.tenants
+               (id, slug, name, status, custom_domain, domain_verified, allowed_origins)
+               VALUES ($1, 'acme', 'Acme', 'Active', 'videos.acme.test', true, $2)""",
+            ACME,
+            [PAGE],
+        )
+        await conn.execute(
+            """INSERT INTO identity.tenant_branding (tenant_id, embed_enabled,
+               embed_allowed_hosts) VALUES ($1, true, '{https://www.acme.test}')""",
+            ACME,
+        )
 
-    async def seed() -> None:
-        conn = await asyncpg.connect(url)
-        try:
-            await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-            await conn.execute(
-                """INSERT INTO identity.tenants
-                   (id, slug, name, status, custom_domain, domain_verified, allowed_origins)
-                   VALUES ($1, 'acme', 'Acme', 'Active', 'videos.acme.test', true, $2)""",
-                ACME,
-                [PAGE],
-            )
-            await conn.execute(
-                """INSERT INTO identity.tenant_branding (tenant_id, embed_enabled,
-                   embed_allowed_hosts) VALUES ($1, true, '{https://www.acme.test}')""",
-                ACME,
-            )
-        finally:
-            await conn.close()
-
-    asyncio.run(seed())
-    return url
+    return seeded_database(postgres_server, "tenancy", seed)
 
 
 def _config(tmp: Path, echo: Echo, **tenancy: object) -> Path:
