@@ -270,9 +270,20 @@ def _check_http_url(value: str, key: str) -> str:
 
 
 def _check_redis_url(value: str, key: str) -> str:
+    """``redis[s]://[[user]:password@]host[:port][/db]`` (CONTRACT §2) and nothing more: an
+    option the limiter's client would not understand must stop the start, not be ignored."""
     parts = urlsplit(value)
-    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
         raise ConfigError(f"{key}: not a redis:// or rediss:// URL")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{key}: URL options (?...) are not supported")
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ConfigError(f"{key}: the path names a database number, got {db!r}")
+    try:
+        parts.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError:
+        raise ConfigError(f"{key}: the port is not a number") from None
     return value
 
 

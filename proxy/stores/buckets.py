@@ -25,6 +25,10 @@ class MemoryBucketStore:
         )
 
     async def take(self, bucket: str, capacity: int) -> Decision:
+        return self.take_now(bucket, capacity)
+
+    def take_now(self, bucket: str, capacity: int) -> Decision:
+        """``take`` for callers that cannot await (a Redis reply's callback falling back)."""
         state, decision = take(self._buckets.get(bucket), capacity, self._clock())
         self._buckets[bucket] = state
         return decision

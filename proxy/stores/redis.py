@@ -11,8 +11,12 @@ Why each piece is here:
 - **Known-over-limit short-cut**: after Redis rejects a key, further checks for it are rejected
   locally until a token can exist again. It only ever rejects, never grants, so no token is
   granted that Redis did not grant.
-- **A deadline per call and no retries**: redis-py's defaults (seconds of socket timeout,
-  retries with backoff) would stall every request while Redis is gone.
+- **A pipelined client** (``stores.resp``) for standalone and Sentinel: every call goes out
+  on one connection as soon as it is made, and the reply settles the batch through a callback
+  (no task, no pool, no lock per call). Redis Cluster keeps redis-py's client for its slot map.
+- **A deadline per call and no retries**: one timer per call cancels it; redis-py's defaults
+  (seconds of socket timeout, retries with backoff) would stall every request while Redis is
+  gone.
 - **A circuit breaker**: the first failed call (refused, reset, or no answer within the
   deadline) opens it; while open nobody waits on Redis at all, and a background probe closes it
   again as soon as Redis answers. A dead or black-holed Redis thus costs one deadline, not one
@@ -24,16 +28,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from proxy.background import cancel
 from proxy.core.bucket import Decision, decide, seconds_until_token
 from proxy.errors import RateLimiterUnavailable
 from proxy.stores.buckets import MemoryBucketStore
+from proxy.stores.resp import PipelinedRedis, RespError, parse_url
 
 log = logging.getLogger("proxy.ratelimit")
 
@@ -107,10 +115,27 @@ class _Check:
     future: asyncio.Future[Decision]
 
 
+class ScriptClient(Protocol):
+    """What the store needs of Redis: the batch script, a ping, and a way to drop a link."""
+
+    async def start(self) -> None:
+        """Connect and load the script (cluster: fetch the slot map too)."""
+
+    def run(self, keys: list[str], args: list[int]) -> asyncio.Future[Any]:
+        """The batch script's reply; cancelling the future abandons the call."""
+
+    async def ping(self) -> None: ...
+
+    def reset(self) -> None:
+        """A call missed its deadline: do not trust the connection it went out on."""
+
+    async def aclose(self) -> None: ...
+
+
 class RedisBucketStore:
     def __init__(
         self,
-        client: Any,
+        client: ScriptClient,
         *,
         cluster: bool,
         deadline_s: float,
@@ -126,7 +151,6 @@ class RedisBucketStore:
         self._divisor = expected_instances
         self._probe_interval = probe_interval_s
         self._clock = clock
-        self._script = client.register_script(BATCH_SCRIPT)
         self._fallback = MemoryBucketStore(clock=clock)
         self._pending: list[_Check] = []
         self._scheduled = False
@@ -134,7 +158,7 @@ class RedisBucketStore:
         self._limited: dict[str, tuple[float, float, int, float]] = {}
         self._open = False
         self._probe: asyncio.Task[None] | None = None
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._inflight: set[asyncio.Future[Any]] = set()
         self.commands_sent = 0
         self.slowest_call_s = 0.0  # longest healthy round trip seen, event-loop lag included
         self.checks = 0
@@ -156,9 +180,7 @@ class RedisBucketStore:
         the proxy is ready; a Redis that is down now just starts with the breaker open."""
         try:
             async with asyncio.timeout(max(5.0, self._deadline)):
-                if self._cluster:
-                    await self._client.initialize()
-                await self._client.script_load(BATCH_SCRIPT)
+                await self._client.start()
         except Exception as e:
             self._trip(e)
 
@@ -173,7 +195,7 @@ class RedisBucketStore:
                 return decide(False, tokens + (now - at) * capacity / 60, capacity)
             del self._limited[bucket]
         if self._open:
-            return await self._degraded(bucket, capacity)
+            return self._degraded(bucket, capacity)
         future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
         self._pending.append(_Check(bucket, capacity, future))
         if not self._scheduled:
@@ -181,13 +203,15 @@ class RedisBucketStore:
             asyncio.get_running_loop().call_soon(self._flush)
         return await future
 
-    async def _degraded(self, bucket: str, capacity: int) -> Decision:
+    def _degraded(self, bucket: str, capacity: int) -> Decision:
         if not self._fail_open:
             raise RateLimiterUnavailable()
         self.degraded_decisions += 1
-        return await self._fallback.take(bucket, max(1, capacity // self._divisor))
+        return self._fallback.take_now(bucket, max(1, capacity // self._divisor))
 
     def _flush(self) -> None:
+        """One script call per batch, answered through a callback: no task per call, and the
+        deadline is one timer that cancels the call."""
         batch, self._pending, self._scheduled = self._pending, [], False
         groups: dict[str, list[_Check]] = {}
         if self._cluster:
@@ -195,33 +219,45 @@ class RedisBucketStore:
                 groups.setdefault(check.bucket, []).append(check)
         else:
             groups[""] = batch
+        loop = asyncio.get_running_loop()
         started = self._clock()
         for checks in groups.values():
-            task = asyncio.ensure_future(self._send(checks, started))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
-
-    async def _send(self, checks: list[_Check], started: float) -> None:
-        keys = [bucket_key(c.bucket) for c in checks]
-        args = [c.capacity for c in checks]
-        try:
             self.commands_sent += 1
-            async with asyncio.timeout(self._deadline):
-                reply = await self._script(keys=keys, args=args)
-        except Exception as e:  # every failure of the dependency, mapped here
-            self._trip(e)
+            reply = self._client.run(
+                [bucket_key(c.bucket) for c in checks], [c.capacity for c in checks]
+            )
+            timer = loop.call_later(self._deadline, reply.cancel)
+            self._inflight.add(reply)
+            reply.add_done_callback(partial(self._replied, checks, started, timer))
+
+    def _replied(
+        self,
+        checks: list[_Check],
+        started: float,
+        timer: asyncio.TimerHandle,
+        reply: asyncio.Future[Any],
+    ) -> None:
+        timer.cancel()
+        self._inflight.discard(reply)
+        if reply.cancelled():
+            error: BaseException | None = TimeoutError("no answer within the deadline")
+            self._client.reset()
+        else:
+            error = reply.exception()
+        if error is not None:  # every failure of the dependency, mapped here
+            self._trip(error)
             for c in checks:
-                if c.future.done():
-                    continue
-                try:
-                    c.future.set_result(await self._degraded(c.bucket, c.capacity))
-                except RateLimiterUnavailable as err:
-                    c.future.set_exception(err)
+                if not c.future.done():
+                    try:
+                        c.future.set_result(self._degraded(c.bucket, c.capacity))
+                    except RateLimiterUnavailable as err:
+                        c.future.set_exception(err)
             return
+        values = reply.result()
         now = self._clock()
         self.slowest_call_s = max(self.slowest_call_s, now - started)
         for i, c in enumerate(checks):
-            allowed, tokens = reply[2 * i] == 1, float(reply[2 * i + 1])
+            allowed, tokens = values[2 * i] == 1, float(values[2 * i + 1])
             if not allowed:
                 wait = seconds_until_token(tokens, c.capacity)
                 self._limited[c.bucket] = (now + wait, tokens, c.capacity, now)
@@ -246,6 +282,7 @@ class RedisBucketStore:
                 async with asyncio.timeout(self._deadline):
                     await self._client.ping()
             except Exception:
+                self._client.reset()
                 continue
             self._open = False
             log.warning("redis answers again: exact rate limiting resumed")
@@ -254,38 +291,113 @@ class RedisBucketStore:
     async def close(self) -> None:
         await cancel(self._probe)
         if self._inflight:
-            await asyncio.gather(*self._inflight, return_exceptions=True)
+            await asyncio.wait(list(self._inflight), timeout=self._deadline)
         with contextlib.suppress(Exception):
             await self._client.aclose()
 
 
-def make_client(url: str, mode: str, sentinel_service: str | None, deadline_s: float) -> Any:
-    """A redis-py asyncio client for the deployment's topology, retries off (the store has
-    its own deadline and circuit breaker; redis-py's retries would multiply the wait)."""
-    from urllib.parse import urlsplit
+class PipelinedScriptClient:
+    """Standalone and Sentinel: ``resp.PipelinedRedis``, EVALSHA with EVAL as the fallback
+    for a Redis whose script cache is empty (restarted, failed over, ``SCRIPT FLUSH``)."""
 
-    from redis.asyncio import Redis, RedisCluster
-    from redis.asyncio.retry import Retry
-    from redis.asyncio.sentinel import Sentinel
-    from redis.backoff import NoBackoff
+    def __init__(self, redis: PipelinedRedis) -> None:
+        self._redis = redis
+        self.sha = hashlib.sha1(BATCH_SCRIPT.encode()).hexdigest()
 
-    timeouts: dict[str, Any] = {
-        "socket_connect_timeout": deadline_s,
-        "socket_timeout": max(deadline_s, 1.0),
-        "retry": Retry(NoBackoff(), 0),
-    }
+    async def start(self) -> None:
+        await self._redis.call("SCRIPT", "LOAD", BATCH_SCRIPT)
+
+    def run(self, keys: list[str], args: list[int]) -> asyncio.Future[Any]:
+        result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        first = self._redis.call("EVALSHA", self.sha, len(keys), *keys, *args)
+
+        def answered(call: asyncio.Future[Any]) -> None:
+            if result.done():  # the caller stopped waiting
+                return
+            error = call.exception()
+            if isinstance(error, RespError) and str(error).startswith("NOSCRIPT"):
+                again = self._redis.call("EVAL", BATCH_SCRIPT, len(keys), *keys, *args)
+                again.add_done_callback(answered)
+            elif error is not None:
+                result.set_exception(error)
+            else:
+                result.set_result(call.result())
+
+        first.add_done_callback(answered)
+        return result
+
+    async def ping(self) -> None:
+        await self._redis.call("PING")
+
+    def reset(self) -> None:
+        self._redis.reset()
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+
+class ClusterScriptClient:
+    """Redis Cluster: redis-py's client, which keeps the slot map and follows MOVED/ASK."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._script = client.register_script(BATCH_SCRIPT)
+
+    async def start(self) -> None:
+        await self._client.initialize()
+        await self._client.script_load(BATCH_SCRIPT)
+
+    def run(self, keys: list[str], args: list[int]) -> asyncio.Future[Any]:
+        call: asyncio.Future[Any] = asyncio.ensure_future(self._script(keys=keys, args=args))
+        return call
+
+    async def ping(self) -> None:
+        await self._client.ping()
+
+    def reset(self) -> None:
+        pass  # redis-py drops a connection whose call was cancelled
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def make_client(
+    url: str, mode: str, sentinel_service: str | None, deadline_s: float
+) -> ScriptClient:
+    """The script client for the deployment's topology. redis-py's retries are off where it
+    is used: the store has its own deadline and circuit breaker, and retries would multiply
+    the wait."""
+    host, port, options = parse_url(url)
     if mode == "cluster":
-        return RedisCluster.from_url(url, **timeouts)
+        from redis.asyncio import RedisCluster
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        return ClusterScriptClient(
+            RedisCluster.from_url(
+                url,
+                socket_connect_timeout=deadline_s,
+                socket_timeout=max(deadline_s, 1.0),
+                retry=Retry(NoBackoff(), 0),
+            )
+        )
     if mode == "sentinel":
-        parts = urlsplit(url)
+        from redis.asyncio.sentinel import Sentinel
+
+        # The URL names a sentinel; its credentials and database are the master's.
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            [(parts.hostname or "127.0.0.1", parts.port or 26379)],
+            [(host, port if urlsplit(url).port else 26379)],
             sentinel_kwargs={
                 "socket_connect_timeout": deadline_s,
                 "socket_timeout": max(deadline_s, 1.0),
             },
-            password=parts.password,
-            **timeouts,
         )
-        return sentinel.master_for(sentinel_service or "", **timeouts)
-    return Redis.from_url(url, **timeouts)
+
+        async def master() -> tuple[str, int]:
+            address: tuple[str, int] = await sentinel.discover_master(sentinel_service or "")
+            return address
+
+        return PipelinedScriptClient(
+            PipelinedRedis(master, connect_timeout_s=deadline_s, **options)
+        )
+    return PipelinedScriptClient(PipelinedRedis.from_url(url, connect_timeout_s=deadline_s))
