@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
@@ -39,7 +40,13 @@ from opentelemetry.sdk.trace.sampling import (
 )
 from opentelemetry.trace import Span, SpanKind, Tracer, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from proxy.settings import TelemetrySettings
@@ -97,6 +104,18 @@ class Telemetry:
             self._provider.add_span_processor(processor)
             self.tracer = self._provider.get_tracer("flatrender-edge")
         self.registry = CollectorRegistry()
+        # Collections per generation (python_gc_*): a full collection is a pause for every
+        # request in flight, and app.freeze_startup_objects exists to keep them short.
+        GCCollector(registry=self.registry)
+        self.collect_from(
+            lambda: [
+                gauge(
+                    "edge_gc_frozen_objects",
+                    "Objects kept out of the cyclic collector since start-up (gc.freeze)",
+                    gc.get_freeze_count(),
+                )
+            ]
+        )
         self._requests = Counter(
             "edge_requests",
             "Requests answered, by route and status class",
