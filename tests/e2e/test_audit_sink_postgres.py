@@ -77,6 +77,33 @@ async def test_a_full_batch_goes_at_once_and_a_partial_one_on_the_interval(
         await timed.close()
 
 
+async def test_steady_traffic_is_written_once_per_interval_not_row_by_row(
+    migrated_dsn: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """Rows that keep arriving while a batch is written wait for the next interval: a round
+    that drained "until empty" never ended under steady traffic and committed a transaction
+    for every few rows."""
+    config = settings(
+        tmp_path, flush_interval_ms=200, batch_max_rows=10_000, buffer_max_rows=20_000
+    )
+    sink = PostgresAuditSink(migrated_dsn, config)
+    await sink.start()
+    n = 0
+    try:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 1.0
+        while loop.time() < end:  # about a row a millisecond, never a full batch
+            sink.submit(record(5000 + n))
+            n += 1
+            await asyncio.sleep(0.001)
+        # 1 s at a 200 ms interval: about 5 rounds, each one batch (the first comes at once).
+        assert sink.counters.batches <= 8, (sink.counters.batches, n)
+        await within(5.0, lambda: _is(count_rows(db), n))
+    finally:
+        await sink.close()
+    assert sink.counters.rows_written == n
+
+
 async def _is(value: object, want: object) -> bool:
     return await value == want  # type: ignore[misc]
 
