@@ -43,7 +43,7 @@ import contextlib
 import ipaddress
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import date
 from functools import partial
@@ -204,12 +204,25 @@ def _checked(r: AuditRecord) -> AuditRecord:
 _ENCODING_ERRORS = (ValueError, TypeError, OverflowError)
 
 
+# Rows encoded between two turns of the event loop. asyncpg encodes a COPY in one go, and a
+# batch of 650 rows held the loop for about 3 ms, which every request arriving meanwhile waited
+# out (the p99 of the full pipeline at 1,300 req/s: 3.4 ms against 2.0 ms with no flushes).
+COPY_SLICE_ROWS = 64
+
+
+async def _copy_rows(rows: Sequence[AuditRecord]) -> AsyncIterator[tuple[object, ...]]:
+    for i, r in enumerate(rows):
+        if i and i % COPY_SLICE_ROWS == 0:
+            await asyncio.sleep(0)
+        yield _copy_row(r)
+
+
 async def _write_batch(conn: asyncpg.Connection, rows: Sequence[AuditRecord]) -> int:
     """One transaction; returns how many rows were new."""
     async with conn.transaction():
         await conn.execute(CREATE_STAGING)
         await conn.copy_records_to_table(
-            STAGING, schema_name="pg_temp", records=map(_copy_row, rows), columns=COLUMNS
+            STAGING, schema_name="pg_temp", records=_copy_rows(rows), columns=COLUMNS
         )
         inserted: int = await conn.fetchval(WRITE_BATCH)
     return inserted
