@@ -236,7 +236,9 @@ def build_app(
     app[ROUTING] = routing
     app[TELEMETRY] = telemetry
     telemetry.collect_from(store_metrics(stores))
-    forwarder = Forwarder(routing, settings.server.max_body_bytes, telemetry)
+    forwarder = Forwarder(
+        routing, settings.server.max_body_bytes, settings.server.body_timeout_s, telemetry
+    )
     app.router.add_route("*", "/{tail:.*}", forwarder.handle, expect_handler=expect_handler)
     app.on_response_prepare.append(stamp_response)
 

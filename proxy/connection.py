@@ -228,6 +228,17 @@ class EdgeRequestHandler(web.RequestHandler):
 
     # ------------------------------------------------------------------ aiohttp hooks
 
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        result = await super().finish_response(request, resp, start_time)
+        if resp.status == 408:
+            # A 408 closes the connection (RFC 9110 §15.5.9). After a stalled body aiohttp would
+            # otherwise keep it open for its lingering read (up to 10 s) of a body that is not
+            # coming; the answer is written by now, and close() sends what is buffered first.
+            self.force_close()
+        return result
+
     def handle_error(
         self,
         request: web.BaseRequest,

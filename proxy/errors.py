@@ -112,6 +112,12 @@ class HeadersTooLarge(ProxyError):
     message = "request head exceeds the size limit"
 
 
+class RequestBodyTimeout(ProxyError):
+    # RFC 9110 §15.5.9; the connection is closed after it (the rest of the body may still come).
+    status, code = 408, "request_timeout"
+    message = "the request body stalled for longer than body_timeout_s"
+
+
 class UpstreamUnavailable(ProxyError):
     status, code, message = 502, "upstream_unavailable", "the upstream service is unreachable"
 

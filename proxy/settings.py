@@ -48,6 +48,10 @@ class ServerSettings:
     # A client must finish each request head within this, counted from its first byte (from
     # the accept for a new connection); aiohttp itself has no such deadline (slowloris).
     header_timeout_s: float = 10.0
+    # Longest pause between two reads of a request body (nginx's client_body_timeout, also
+    # 60 s); then 408 and the connection is closed. Without it a client that stops mid-upload
+    # holds its connection and an upstream connection for ever.
+    body_timeout_s: float = 60.0
     # aiohttp's defaults (8190 bytes per line and per field); beyond them the answer is 431.
     max_line_size: int = 8190
     max_field_size: int = 8190
@@ -310,6 +314,7 @@ def _server(t: _Table) -> ServerSettings:
         trusted_proxies=trusted,
         max_body_bytes=t.positive_int("max_body_bytes", d.max_body_bytes),
         header_timeout_s=t.positive("header_timeout_s", d.header_timeout_s),
+        body_timeout_s=t.positive("body_timeout_s", d.body_timeout_s),
         max_line_size=t.positive_int("max_line_size", d.max_line_size),
         max_field_size=t.positive_int("max_field_size", d.max_field_size),
         max_headers=t.positive_int("max_headers", d.max_headers),

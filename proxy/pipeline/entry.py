@@ -107,9 +107,10 @@ async def _answer(
         error = InternalError()
     ctx.error_code = error.code
     response = error_response(error, ctx.request_id)
-    if error.status == 400:
+    if error.status in (400, 408):
         # After a malformed request the connection is not trusted with another one: its framing
-        # may be off by any number of bytes (nginx closes after a 400 too).
+        # may be off by any number of bytes (nginx closes after a 400 too). After a stalled
+        # body the rest of it may still arrive: 408 means closing (RFC 9110 §15.5.9).
         response.force_close()
     return response
 

@@ -30,6 +30,7 @@ from proxy.errors import (
     BadRequest,
     PayloadTooLarge,
     ProxyError,
+    RequestBodyTimeout,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -44,6 +45,10 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _BodyStalled(Exception):
+    pass
+
+
 class _RequestBody:
     """The client's body as an async iterable for aiohttp's client, counting what it passed on.
 
@@ -52,13 +57,15 @@ class _RequestBody:
     limit: the upstream then sees a truncated chunked body, never a complete request.
     """
 
-    __slots__ = ("_content", "_limit", "client_failed", "sent", "too_large")
+    __slots__ = ("_content", "_limit", "_timeout", "client_failed", "sent", "stalled", "too_large")
 
-    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+    def __init__(self, content: aiohttp.StreamReader, limit: int, timeout_s: float) -> None:
         self._content = content
         self._limit = limit
+        self._timeout = timeout_s
         self.sent = 0
         self.too_large = False
+        self.stalled = False  # no body bytes for timeout_s
         self.client_failed = False  # reading the client's body failed (bad framing, hang-up)
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -68,9 +75,13 @@ class _RequestBody:
         chunks = self._content.iter_any()
         while True:
             try:
-                chunk = await chunks.__anext__()
+                async with asyncio.timeout(self._timeout):
+                    chunk = await chunks.__anext__()
             except StopAsyncIteration:
                 return
+            except TimeoutError:
+                self.stalled = True
+                raise _BodyStalled from None
             except Exception:
                 self.client_failed = True
                 raise
@@ -107,9 +118,12 @@ def upstream_headers(request: web.Request, ctx: RequestContext) -> CIMultiDict[s
 class Forwarder:
     """The request handler at the end of the pipeline; the only code that talks to upstreams."""
 
-    def __init__(self, routing: Routing, max_body_bytes: int, telemetry: Telemetry) -> None:
+    def __init__(
+        self, routing: Routing, max_body_bytes: int, body_timeout_s: float, telemetry: Telemetry
+    ) -> None:
         self._routing = routing
         self._max_body = max_body_bytes
+        self._body_timeout = body_timeout_s
         self._telemetry = telemetry
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -134,7 +148,9 @@ class Forwarder:
                 if is_websocket_upgrade(request):
                     return await relay_websocket(request, pool, target, headers)
                 body = (
-                    _RequestBody(request.content, self._max_body) if request.body_exists else None
+                    _RequestBody(request.content, self._max_body, self._body_timeout)
+                    if request.body_exists
+                    else None
                 )
                 upstream = await self._send(request.method, pool, target, headers, body)
                 if span is not None:
@@ -172,10 +188,12 @@ class Forwarder:
                 error = UpstreamTimeout()  # connect phase: it never got the request either
             except (aiohttp.SocketTimeoutError, TimeoutError):
                 raise UpstreamTimeout() from None
-            except (aiohttp.ClientError, _BodyTooLarge):
+            except (aiohttp.ClientError, _BodyTooLarge, _BodyStalled):
                 # The request may have reached the upstream: no failover to another URL.
                 if body is not None and body.too_large:
                     raise PayloadTooLarge() from None
+                if body is not None and body.stalled:
+                    raise RequestBodyTimeout() from None
                 if body is not None and body.client_failed:
                     # The client's body broke (bad chunk framing, hang-up): its fault, not the
                     # upstream's; the upstream saw a cut-off body, never a complete request.

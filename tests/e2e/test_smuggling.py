@@ -39,6 +39,7 @@ from tests.procs import (
 
 HOST = "videos.acme.test"
 HEADER_TIMEOUT_S = 1.0
+BODY_TIMEOUT_S = 1.0
 
 
 def _config(path: Path, echo_url: str, **server: object) -> Path:
@@ -56,6 +57,7 @@ def proxy(echo: Echo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prox
         tmp_path_factory.mktemp("smuggling") / "edge.toml",
         echo.url,
         header_timeout_s=HEADER_TIMEOUT_S,
+        body_timeout_s=BODY_TIMEOUT_S,
     )
     p = start_proxy(config)
     yield p
@@ -475,6 +477,43 @@ def test_slow_body_is_not_cut_by_the_head_deadline(proxy: Proxy) -> None:
         response = _read_response(s)
     assert response is not None and response.status == 200
     assert json.loads(response.body)["body_bytes"] == sent
+
+
+@pytest.mark.parametrize(
+    ("framing", "first_part"),
+    [("Content-Length: 100", b"x" * 10), ("Transfer-Encoding: chunked", b"a\r\n0123456789\r\n")],
+)
+def test_a_body_that_stalls_is_answered_408_and_the_connection_closed(
+    proxy: Proxy, echo: Echo, framing: str, first_part: bytes
+) -> None:
+    """nginx's client_body_timeout: a client that stops mid-upload must not hold its connection
+    (and an upstream one) for ever. The upstream got the request once and a cut-off body (the
+    proxy aborts that connection), and it is never sent again."""
+    rid = str(uuid.uuid4())
+    with _connect(proxy.port, timeout=BODY_TIMEOUT_S + 5) as s:
+        started = time.monotonic()
+        s.sendall(_request(H, framing, rid=rid) + first_part)
+        response = _read_response(s)
+        waited = time.monotonic() - started
+        assert response is not None and response.status == 408
+        assert _json_error(response)["code"] == "request_timeout"
+        assert response.header("Connection") == "close"
+        assert _closed(s)
+    assert BODY_TIMEOUT_S - 0.1 <= waited < BODY_TIMEOUT_S + 3
+    with urllib.request.urlopen(f"{echo.url}/__count/{rid}", timeout=5) as r:
+        assert json.load(r)["count"] == 1
+
+
+def test_a_body_with_pauses_shorter_than_the_timeout_is_served(proxy: Proxy) -> None:
+    body = b"0123456789" * 3
+    with _connect(proxy.port) as s:
+        s.sendall(_request(H, f"Content-Length: {len(body)}", "Connection: close", rid="x"))
+        for i in range(0, len(body), 10):  # three pieces, each after half the timeout
+            time.sleep(BODY_TIMEOUT_S / 2)
+            s.sendall(body[i : i + 10])
+        response = _read_response(s)
+    assert response is not None and response.status == 200
+    assert json.loads(response.body)["body_bytes"] == len(body)
 
 
 def test_head_sent_slowly_within_the_deadline_is_served(proxy: Proxy) -> None:

@@ -60,6 +60,7 @@ def test_shipped_config_loads() -> None:
     assert s.server.trusted_proxies == (ipaddress.ip_network("127.0.0.1/32"),)
     assert s.server.max_body_bytes == 104_857_600
     assert s.server.header_timeout_s == 10
+    assert s.server.body_timeout_s == 60
     assert s.tenancy.platform_domains == ("flatrender.test",)
     assert s.tenancy.embedded_file == Path("config/tenants.toml")
     assert s.ratelimit.failure_mode == "open"
@@ -200,6 +201,8 @@ def test_trusted_proxies_accept_v4_v6_and_host_bits() -> None:
         (_with("server.header_timeout_s", 0), "server.header_timeout_s"),
         (_with("server.header_timeout_s", "10"), "server.header_timeout_s"),
         (_with("server.header_timeout_s", True), "server.header_timeout_s"),
+        (_with("server.body_timeout_s", 0), "server.body_timeout_s"),
+        (_with("server.body_timeout_s", "60"), "server.body_timeout_s"),
         (_with("upstreams.render-api.read_timeout_s", -5), "upstreams.render-api.read_timeout_s"),
         (
             _with("upstreams.render-api.connect_timeout_s", 0.0),
