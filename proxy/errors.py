@@ -112,6 +112,13 @@ class HeadersTooLarge(ProxyError):
     message = "request head exceeds the size limit"
 
 
+class ClientClosedRequest(ProxyError):
+    # nginx's 499: the client went away mid-request. Nobody reads this answer; the status is
+    # for the audit row, the access log and the metrics, which must not blame the request.
+    status, code = 499, "client_closed_request"
+    message = "the client closed the connection before the request was complete"
+
+
 class RequestBodyTimeout(ProxyError):
     # RFC 9110 §15.5.9; the connection is closed after it (the rest of the body may still come).
     status, code = 408, "request_timeout"

@@ -28,6 +28,7 @@ from proxy.core.forwarding import (
 )
 from proxy.errors import (
     BadRequest,
+    ClientClosedRequest,
     PayloadTooLarge,
     ProxyError,
     RequestBodyTimeout,
@@ -57,7 +58,16 @@ class _RequestBody:
     limit: the upstream then sees a truncated chunked body, never a complete request.
     """
 
-    __slots__ = ("_content", "_limit", "_timeout", "client_failed", "sent", "stalled", "too_large")
+    __slots__ = (
+        "_content",
+        "_limit",
+        "_timeout",
+        "client_failed",
+        "client_gone",
+        "sent",
+        "stalled",
+        "too_large",
+    )
 
     def __init__(self, content: aiohttp.StreamReader, limit: int, timeout_s: float) -> None:
         self._content = content
@@ -67,6 +77,7 @@ class _RequestBody:
         self.too_large = False
         self.stalled = False  # no body bytes for timeout_s
         self.client_failed = False  # reading the client's body failed (bad framing, hang-up)
+        self.client_gone = False  # ... because the client closed or reset its connection
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._chunks()
@@ -82,8 +93,10 @@ class _RequestBody:
             except TimeoutError:
                 self.stalled = True
                 raise _BodyStalled from None
-            except Exception:
+            except Exception as e:
                 self.client_failed = True
+                # aiohttp fails the body with ConnectionResetError when the connection is lost
+                self.client_gone = isinstance(e, ConnectionError)
                 raise
             self.sent += len(chunk)
             if self.sent > self._limit:
@@ -194,6 +207,8 @@ class Forwarder:
                     raise PayloadTooLarge() from None
                 if body is not None and body.stalled:
                     raise RequestBodyTimeout() from None
+                if body is not None and body.client_gone:
+                    raise ClientClosedRequest() from None
                 if body is not None and body.client_failed:
                     # The client's body broke (bad chunk framing, hang-up): its fault, not the
                     # upstream's; the upstream saw a cut-off body, never a complete request.
