@@ -344,6 +344,16 @@ async def serve(
     listener = await listen(
         runner, s.listen.host, s.listen.port, gate, handler_kwargs, backlog=1024
     )
+    app[TELEMETRY].collect_from(
+        lambda: [
+            counter(
+                "edge_connection_refusals",
+                "Requests and connections refused before the application saw a request",
+                ["reason"],
+                [([reason], n) for reason, n in sorted(gate.refusals.items())],
+            )
+        ]
+    )
     await web.TCPSite(admin, s.admin_listen.host, s.admin_listen.port, reuse_port=True).start()
     log.warning("listening on %s, admin on %s (pid %d)", s.listen, s.admin_listen, os.getpid())
     freeze_startup_objects()

@@ -91,7 +91,7 @@ class ConnectionGate:
         "max_headers",
         "max_line_size",
         "open",
-        "refused",
+        "refusals",
     )
 
     def __init__(
@@ -109,20 +109,27 @@ class ConnectionGate:
         self.max_line_size = max_line_size
         self.max_field_size = max_field_size
         self.open = 0
-        self.refused = 0  # connections closed at the limit, since start
+        # What was refused here, before the application saw a request, since start (for
+        # /metrics: an attack made only of malformed heads is otherwise invisible there). The
+        # reason is the contract code answered, or "no_request" (a connection closed at the
+        # head deadline without a byte) or "connection_limit" (closed at max_connections).
+        self.refusals: dict[str, int] = {}
         self._last_report = -1e9
+
+    def refuse(self, reason: str) -> None:
+        self.refusals[reason] = self.refusals.get(reason, 0) + 1
 
     def admit(self, now: float) -> bool:
         if self.open < self.max_connections:
             self.open += 1
             return True
-        self.refused += 1
+        self.refuse("connection_limit")
         if now - self._last_report >= 10.0:  # one line per 10 s, not one per refusal
             self._last_report = now
             log.warning(
                 "connection limit reached (%d open): refusing new connections (%d so far)",
                 self.open,
-                self.refused,
+                self.refusals["connection_limit"],
             )
         return False
 
@@ -253,6 +260,7 @@ class EdgeRequestHandler(web.RequestHandler):
             # Part of a response is out: nothing valid can follow; aiohttp drops the connection.
             raise ConnectionError("response already started; cannot send an error")
         error = parser_error(status, exc, self._gate)
+        self._gate.refuse(error.code)
         if error.status >= 500:
             log.error("unhandled error answering %s", request.remote, exc_info=exc)
         else:
@@ -288,6 +296,7 @@ class EdgeRequestHandler(web.RequestHandler):
         ``ConnectionResetError`` on it), so the upstream sees a truncated body, never a
         complete request, and its connection is not reused."""
         log.info("refused a malformed request body from %s", request.remote)
+        self._gate.refuse(BadRequest.code)
         transport = self.transport
         if transport is not None and request.writer.output_size == 0:
             ctx = request.get(CTX)
@@ -315,6 +324,9 @@ class EdgeRequestHandler(web.RequestHandler):
         if self._head_bytes:
             # RFC 9110 §15.5.9: 408 tells the client why, before the server closes.
             transport.write(raw_error(RequestHeadTimeout()))
+            self._gate.refuse(RequestHeadTimeout.code)
+        else:
+            self._gate.refuse("no_request")
         log.info(
             "closed a connection: no complete request head in %ss", self._gate.header_timeout_s
         )

@@ -308,20 +308,45 @@ def test_bad_chunk_after_the_head_is_400_and_closed(proxy: Proxy, echo: Echo) ->
     assert _upstream_errors(proxy) == upstream_errors_before
 
 
-def _upstream_errors(proxy: Proxy) -> float:
-    import urllib.request
-
+def _metric(proxy: Proxy, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """Samples of ``name`` on ``proxy``'s /metrics, by their sorted labels."""
     from prometheus_client.parser import text_string_to_metric_families
 
     url = f"http://127.0.0.1:{proxy.admin_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as r:
         text = r.read().decode()
-    return sum(
-        sample.value
+    return {
+        tuple(sorted(sample.labels.items())): sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if sample.name == "edge_upstream_errors_total"
-    )
+        if sample.name == name
+    }
+
+
+def _upstream_errors(proxy: Proxy) -> float:
+    return sum(_metric(proxy, "edge_upstream_errors_total").values())
+
+
+def test_refusals_before_the_application_are_counted_by_reason(proxy: Proxy) -> None:
+    """They never reach the pipeline (so not edge_requests_total); a flood of malformed heads
+    must still show on a dashboard."""
+
+    def counts() -> dict[str, float]:
+        samples = _metric(proxy, "edge_connection_refusals_total")
+        return {dict(labels)["reason"]: value for labels, value in samples.items()}
+
+    before = counts()
+    assert _exchange(proxy.port, b"GET / HTTP/1.1\r\nno colon here\r\n\r\n")[0] is not None
+    assert _exchange(proxy.port, _request(H, "X-Big: " + "b" * 8200, method="GET", rid="x"))[0]
+    with _connect(proxy.port) as s:  # a partial head: 408 at the head deadline
+        s.sendall(b"GET /public/x HTTP/1.1\r\n")
+        assert _read_response(s) is not None
+    with _connect(proxy.port) as s:  # nothing at all: closed at the head deadline
+        assert _closed(s, within_s=HEADER_TIMEOUT_S + 3)
+    after = counts()
+    moved = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    assert moved["bad_request"] == 1 and moved["request_header_fields_too_large"] == 1
+    assert moved["request_timeout"] == 1 and moved["no_request"] >= 1
 
 
 @pytest.mark.parametrize("coding", ["chunked", "Chunked ", "CHUNKED", "\tchunked"])

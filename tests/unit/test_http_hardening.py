@@ -142,7 +142,7 @@ def test_connection_gate_counts_and_refuses() -> None:
         header_timeout_s=1, max_connections=2, max_headers=1, max_line_size=1, max_field_size=1
     )
     assert gate.admit(0.0) and gate.admit(0.0)
-    assert not gate.admit(0.0) and gate.refused == 1
+    assert not gate.admit(0.0) and gate.refusals == {"connection_limit": 1}
     gate.release()
     assert gate.admit(1.0) and gate.open == 2
 
