@@ -66,7 +66,7 @@ from aiohttp.streams import StreamReader
 
 from proxy.context import CTX
 from proxy.errors import BadRequest, HeadersTooLarge, InternalError, ProxyError
-from proxy.pipeline.entry import error_response
+from proxy.pipeline.entry import awaits_continue, error_response
 
 log = logging.getLogger("proxy.connection")
 
@@ -239,10 +239,14 @@ class EdgeRequestHandler(web.RequestHandler):
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
         result = await super().finish_response(request, resp, start_time)
-        if resp.status == 408:
-            # A 408 closes the connection (RFC 9110 §15.5.9). After a stalled body aiohttp would
-            # otherwise keep it open for its lingering read (up to 10 s) of a body that is not
-            # coming; the answer is written by now, and close() sends what is buffered first.
+        ctx = request.get(CTX)
+        uninvited = ctx is not None and awaits_continue(request) and not ctx.continue_sent
+        if resp.status == 408 or uninvited:
+            # A 408 closes the connection (RFC 9110 §15.5.9), and so does a final answer to a
+            # client still waiting for 100 Continue (§10.1.1). In both cases no body is on its
+            # way: aiohttp's lingering read (up to 10 s, which keeps a client mid-upload from
+            # losing the answer to a reset) would only hold the connection. The answer is
+            # written by now, and close() sends what is buffered first.
             self.force_close()
         return result
 

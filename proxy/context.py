@@ -30,6 +30,7 @@ class RequestContext:
     error_code: str | None = None
     limit_decision: str | None = None  # "allowed" | "rejected" | "shadow"
     upstream_s: float = 0.0  # time spent with the upstream (access log)
+    continue_sent: bool = False  # "100 Continue" went out (Expect: 100-continue)
     span: Any = None  # the server span when tracing is on
 
 

@@ -35,7 +35,7 @@ HOP_BY_HOP = frozenset(
 
 # Inbound headers replaced by the proxy's own values, or framing it recomputes. ``Host`` is the
 # upstream's (the client's host travels as X-Forwarded-Host); ``Content-Length`` is re-sent from
-# the parsed request; ``Expect`` was already answered by the proxy's own server.
+# the parsed request; ``Expect`` is answered by the proxy itself (pipeline.entry.send_continue).
 _REQUEST_DROP = HOP_BY_HOP | {
     "host",
     "content-length",

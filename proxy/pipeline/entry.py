@@ -115,18 +115,34 @@ async def _answer(
     return response
 
 
+def awaits_continue(request: web.BaseRequest) -> bool:
+    """The client waits for ``100 Continue`` before it sends its body (RFC 9110 §10.1.1;
+    HTTP/1.1 only, as aiohttp has it)."""
+    return (
+        request.version == HttpVersion11
+        and request.headers.get("Expect", "").lower() == "100-continue"
+    )
+
+
+async def send_continue(request: web.BaseRequest, ctx: RequestContext) -> None:
+    """The interim answer, sent when the forwarder starts reading the body: by then the
+    request passed routing, authentication and the rate limit, so a client is never invited to
+    upload a body the proxy then refuses (nginx also sends it only when it reads the body)."""
+    if awaits_continue(request) and not ctx.continue_sent:
+        ctx.continue_sent = True
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim answer is not the response's start
+
+
 async def expect_handler(request: web.Request) -> None:
     """``Expect`` handling for the catch-all route; aiohttp runs it before any middleware.
 
-    aiohttp's default answers any expectation other than ``100-continue`` with a text/plain 417
-    of its own, outside the pipeline: no contract JSON, no request id. RFC 9110 §10.1.1 makes
-    that 417 a MAY, and the forwarder drops ``Expect``, so an unknown expectation is ignored and
-    the request goes through the pipeline like any other. ``100-continue`` is answered as
-    aiohttp does (HTTP/1.1 only)."""
-    expect = request.headers.get("Expect", "")
-    if request.version == HttpVersion11 and expect.lower() == "100-continue":
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # the interim answer is not the response's start
+    It answers nothing. aiohttp's default sends ``100 Continue`` at once, before any stage has
+    looked at the request (``send_continue`` does it when the body is read), and answers any
+    other expectation with a text/plain 417 of its own, outside the pipeline: no contract
+    JSON, no request id. RFC 9110 §10.1.1 makes that 417 a MAY, and the forwarder drops
+    ``Expect``, so an unknown expectation is ignored and the request goes through the pipeline
+    like any other."""
 
 
 async def stamp_response(request: web.BaseRequest, response: web.StreamResponse) -> None:
@@ -136,6 +152,13 @@ async def stamp_response(request: web.BaseRequest, response: web.StreamResponse)
         return
     headers = response.headers
     headers["X-Request-Id"] = ctx.request_id
+    if awaits_continue(request) and not ctx.continue_sent:
+        # A final answer to a client still waiting to send its body: it may send the body
+        # anyway, after its own timeout, so the connection cannot carry another request
+        # (RFC 9110 §10.1.1: the server closes, or reads and discards the body). aiohttp has
+        # derived its Connection header before this hook runs: say it here too.
+        response.force_close()
+        headers["Connection"] = "close"
     for name, value in ctx.response_headers.items():
         if name == "Vary":
             # An upstream may send several Vary lines (RFC 9110 §5.3: one list); setting the

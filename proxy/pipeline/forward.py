@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 
 import aiohttp
 from aiohttp import web
@@ -35,6 +36,7 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from proxy.pipeline.entry import send_continue
 from proxy.pipeline.websocket import is_websocket_upgrade, relay_websocket
 from proxy.telemetry import Telemetry
 from proxy.upstreams import Routing, UpstreamPool
@@ -61,6 +63,7 @@ class _RequestBody:
     __slots__ = (
         "_content",
         "_limit",
+        "_opening",
         "_timeout",
         "client_failed",
         "client_gone",
@@ -69,10 +72,17 @@ class _RequestBody:
         "too_large",
     )
 
-    def __init__(self, content: aiohttp.StreamReader, limit: int, timeout_s: float) -> None:
+    def __init__(
+        self,
+        content: aiohttp.StreamReader,
+        limit: int,
+        timeout_s: float,
+        opening: Callable[[], Awaitable[None]],
+    ) -> None:
         self._content = content
         self._limit = limit
         self._timeout = timeout_s
+        self._opening = opening  # runs before the first read (sends 100 Continue if awaited)
         self.sent = 0
         self.too_large = False
         self.stalled = False  # no body bytes for timeout_s
@@ -83,6 +93,11 @@ class _RequestBody:
         return self._chunks()
 
     async def _chunks(self) -> AsyncIterator[bytes]:
+        try:
+            await self._opening()
+        except ConnectionError:
+            self.client_failed = self.client_gone = True
+            raise
         chunks = self._content.iter_any()
         while True:
             try:
@@ -161,7 +176,12 @@ class Forwarder:
                 if is_websocket_upgrade(request):
                     return await relay_websocket(request, pool, target, headers)
                 body = (
-                    _RequestBody(request.content, self._max_body, self._body_timeout)
+                    _RequestBody(
+                        request.content,
+                        self._max_body,
+                        self._body_timeout,
+                        partial(send_continue, request, ctx),
+                    )
                     if request.body_exists
                     else None
                 )

@@ -541,6 +541,38 @@ def test_a_body_with_pauses_shorter_than_the_timeout_is_served(proxy: Proxy) -> 
     assert json.loads(response.body)["body_bytes"] == len(body)
 
 
+def test_100_continue_is_sent_only_when_the_body_is_read(proxy: Proxy) -> None:
+    """Not before the pipeline ran: a client is never invited to upload a body the proxy then
+    refuses. Once the request passed every stage, the forwarder asks for the body."""
+    with _connect(proxy.port) as s:
+        s.sendall(_request(H, "Expect: 100-continue", "Content-Length: 5", rid="x"))
+        interim = b""
+        while not interim.endswith(b"\r\n\r\n"):
+            chunk = s.recv(1)
+            assert chunk, "closed before 100 Continue"
+            interim += chunk
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(b"hello")
+        response = _read_response(s)
+    assert response is not None and response.status == 200
+    assert json.loads(response.body)["body_bytes"] == 5
+
+
+def test_a_request_refused_before_its_body_gets_no_100_continue_and_a_closed_connection(
+    proxy: Proxy,
+) -> None:
+    """RFC 9110 §10.1.1: the client may still send the body after its own timeout, so the
+    connection cannot carry another request after the final answer."""
+    data = _request(H, "Expect: 100-continue", "Content-Length: 5", target="/nowhere", rid="x")
+    with _connect(proxy.port) as s:
+        s.sendall(data)
+        response = _read_response(s)  # the first thing back is the final answer
+        assert response is not None and response.status == 404
+        assert _json_error(response)["code"] == "no_route"
+        assert response.header("Connection") == "close"
+        assert _closed(s)
+
+
 def test_head_sent_slowly_within_the_deadline_is_served(proxy: Proxy) -> None:
     data = _request(H, "Connection: close", method="GET", rid=str(uuid.uuid4()))
     with _connect(proxy.port) as s:
