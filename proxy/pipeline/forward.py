@@ -188,7 +188,7 @@ class Forwarder:
                 upstream = await self._send(request.method, pool, target, headers, body)
                 if span is not None:
                     span.set_attribute("http.response.status_code", upstream.status)
-                return await self._relay(request, upstream, pool.settings.read_timeout_s)
+                return await self._relay(request, upstream, pool)
             except (UpstreamUnavailable, UpstreamTimeout) as e:
                 self._telemetry.upstream_error(pool.name, e.code)
                 raise
@@ -237,8 +237,9 @@ class Forwarder:
         raise error
 
     async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, read_timeout_s: float
+        self, request: web.Request, upstream: aiohttp.ClientResponse, pool: UpstreamPool
     ) -> web.StreamResponse:
+        read_timeout_s = pool.settings.read_timeout_s
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         for name, value in response_headers_to_return(list(upstream.headers.items())):
             response.headers.add(name, value)
@@ -272,6 +273,7 @@ class Forwarder:
             # The upstream failed after the head was sent: the only honest signal left is to
             # cut the client's connection, so a truncated body can never pass for a whole one.
             log.warning("upstream body failed mid-stream: %s", type(e).__name__)
+            self._telemetry.upstream_error(pool.name, "body_failed")
             upstream.close()
             if request.transport is not None:
                 request.transport.abort()

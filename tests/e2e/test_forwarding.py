@@ -347,6 +347,7 @@ def test_upstream_dying_mid_body_cuts_the_client_connection(proxy: Proxy, chunke
     import socket
 
     target = "/public/truncate?chunked=1" if chunked else "/public/truncate"
+    failures_before = _body_failures(proxy)
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
         s.sendall(_get(target))
         raw = b""
@@ -359,3 +360,20 @@ def test_upstream_dying_mid_body_cuts_the_client_connection(proxy: Proxy, chunke
     else:
         assert b"content-length: 1048576" in head.lower()
         assert len(body) < 1 << 20
+    # Counted as the upstream's failure even though the client got a 200 head.
+    assert _body_failures(proxy) == failures_before + 1
+
+
+def _body_failures(proxy: Proxy) -> float:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{proxy.admin_port}/metrics") as r:
+        text = r.read().decode()
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "edge_upstream_errors_total" and s.labels.get("kind") == "body_failed"
+    )
