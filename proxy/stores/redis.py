@@ -241,10 +241,13 @@ class RedisBucketStore:
         self._inflight.discard(reply)
         if reply.cancelled():
             error: BaseException | None = TimeoutError("no answer within the deadline")
-            self._client.reset()
         else:
             error = reply.exception()
         if error is not None:  # every failure of the dependency, mapped here
+            # A fresh connection for the probe and what follows: the link may be dead, or (an
+            # error reply such as READONLY) lead to a master that a failover demoted, which
+            # still answers the probe's PING. Reconnecting asks the sentinels again.
+            self._client.reset()
             self._trip(error)
             for c in checks:
                 if not c.future.done():

@@ -407,6 +407,42 @@ async def test_burst_is_exact_through_sentinel(
         stop(b.proc)
 
 
+async def test_limiter_follows_a_sentinel_failover_by_itself(
+    echo: Echo, redis_sentinel: RedisSentinelSet, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """Fail-closed, so every answer says whether the limiter reached a master: 200 before, 503
+    while there is none, then 200 again, written to the promoted replica."""
+    await redis_sentinel.astart()
+    key = mint()
+    tenants = tenants_file(tmp_path / "t.toml", {"f": (key, 100_000)})
+    env = {
+        "REDIS_URL": redis_sentinel.sentinel_url,
+        "REDIS_MODE": "sentinel",
+        "REDIS_SENTINEL_SERVICE": redis_sentinel.service,
+    }
+    proxy = start_proxy(config(tmp_path, echo, tenants, failure_mode="closed"), env=env)
+    try:
+        assert await burst(http, [proxy], key, 5) == [200] * 5
+        await redis_sentinel.akill_master()
+        promoted = await redis_sentinel.await_failover()
+        deadline = time.monotonic() + 10
+        statuses: list[int] = []
+        while not statuses or statuses[-1] != 200:
+            assert time.monotonic() < deadline, statuses[-10:]
+            statuses += await burst(http, [proxy], key, 1)
+            await asyncio.sleep(0.05)
+        assert set(statuses) <= {200, 503}
+        master = aioredis.Redis(host=promoted[0], port=promoted[1])
+        try:
+            assert await master.exists(bucket_key(f"key:{key_id('f')}"))
+            assert (await master.info("replication"))["role"] == "master"
+        finally:
+            await master.aclose()
+    finally:
+        stop(proxy.proc)
+        await redis_sentinel.aheal()
+
+
 async def test_fail_open_buckets_hold_rpm_over_expected_instances(
     echo: Echo, own_redis: RedisServer, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
