@@ -16,11 +16,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import re
 import secrets
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 from opentelemetry.sdk.resources import Resource
@@ -107,15 +108,7 @@ class Telemetry:
         # Collections per generation (python_gc_*): a full collection is a pause for every
         # request in flight, and app.freeze_startup_objects exists to keep them short.
         GCCollector(registry=self.registry)
-        self.collect_from(
-            lambda: [
-                gauge(
-                    "edge_gc_frozen_objects",
-                    "Objects kept out of the cyclic collector since start-up (gc.freeze)",
-                    gc.get_freeze_count(),
-                )
-            ]
-        )
+        self.collect_from(_process_figures)
         self._requests = Counter(
             "edge_requests",
             "Requests answered, by route and status class",
@@ -197,6 +190,17 @@ class Telemetry:
     def shutdown(self) -> None:
         if self._provider is not None:
             self._provider.shutdown()
+
+
+def _process_figures() -> Iterator[Metric]:
+    yield gauge(
+        "edge_gc_frozen_objects",
+        "Objects kept out of the cyclic collector since start-up (gc.freeze)",
+        gc.get_freeze_count(),
+    )
+    with contextlib.suppress(RuntimeError):  # scraped outside the event loop: no figure
+        # Requests in flight plus the background jobs: a number that only grows is a leak.
+        yield gauge("edge_asyncio_tasks", "Tasks on the event loop", len(asyncio.all_tasks()))
 
 
 def counter(

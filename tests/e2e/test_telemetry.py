@@ -155,6 +155,7 @@ async def test_a_serving_proxy_has_frozen_its_start_up_objects(echo: Echo, tmp_p
     finally:
         stop(proxy.proc)
     assert samples[("edge_gc_frozen_objects", ())] > 10_000
+    assert samples[("edge_asyncio_tasks", ())] >= 1  # at least the scrape's own
     assert ("python_gc_collections_total", (("generation", "2"),)) in samples
 
 
