@@ -11,6 +11,7 @@ import pytest
 import pytest_asyncio
 
 from tests.procs import Echo, Proxy, free_port, start_echo, start_proxy, stop, write_config
+from tests.servers import RedisServer
 
 MAX_BODY = 8 * 1024 * 1024
 
@@ -50,6 +51,15 @@ def proxy(echo: Echo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prox
     p = start_proxy(config)
     yield p
     stop(p.proc)
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis of the test's own, for tests that stop, pause or reconfigure it."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.cleanup()
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -59,18 +59,18 @@ def config(tmp: Path, echo: Echo, tenants: Path, **ratelimit: object) -> Path:
     return path
 
 
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.cleanup()
-
-
 @pytest_asyncio.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
         yield s
+
+
+def sentinel_env(sentinel: RedisSentinelSet) -> dict[str, str]:
+    return {
+        "REDIS_URL": sentinel.sentinel_url,
+        "REDIS_MODE": "sentinel",
+        "REDIS_SENTINEL_SERVICE": sentinel.service,
+    }
 
 
 async def burst(
@@ -388,11 +388,7 @@ async def test_burst_is_exact_through_sentinel(
 ) -> None:
     key = mint()
     tenants = tenants_file(tmp_path / "t.toml", {"s": (key, 60)})
-    env = {
-        "REDIS_URL": redis_sentinel.sentinel_url,
-        "REDIS_MODE": "sentinel",
-        "REDIS_SENTINEL_SERVICE": redis_sentinel.service,
-    }
+    env = sentinel_env(redis_sentinel)
     a = start_proxy(config(tmp_path, echo, tenants), env=env)
     b = start_proxy(config(tmp_path, echo, tenants), env=env)
     try:
@@ -415,11 +411,7 @@ async def test_limiter_follows_a_sentinel_failover_by_itself(
     await redis_sentinel.astart()
     key = mint()
     tenants = tenants_file(tmp_path / "t.toml", {"f": (key, 100_000)})
-    env = {
-        "REDIS_URL": redis_sentinel.sentinel_url,
-        "REDIS_MODE": "sentinel",
-        "REDIS_SENTINEL_SERVICE": redis_sentinel.service,
-    }
+    env = sentinel_env(redis_sentinel)
     proxy = start_proxy(config(tmp_path, echo, tenants, failure_mode="closed"), env=env)
     try:
         assert await burst(http, [proxy], key, 5) == [200] * 5

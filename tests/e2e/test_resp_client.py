@@ -6,7 +6,7 @@ import asyncio
 import os
 import signal
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
@@ -16,14 +16,6 @@ from proxy.stores.redis import BATCH_SCRIPT, PipelinedScriptClient, bucket_key
 from proxy.stores.resp import PipelinedRedis, RespError, pack, parse_url
 from tests.procs import free_port
 from tests.servers import RedisServer
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.cleanup()
 
 
 @pytest_asyncio.fixture
