@@ -65,7 +65,13 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.streams import StreamReader
 
 from proxy.context import CTX
-from proxy.errors import BadRequest, HeadersTooLarge, InternalError, ProxyError
+from proxy.errors import (
+    BadRequest,
+    HeadersTooLarge,
+    InternalError,
+    ProxyError,
+    RequestBodyTimeout,
+)
 from proxy.pipeline.entry import awaits_continue, error_response
 
 log = logging.getLogger("proxy.connection")
@@ -240,12 +246,19 @@ class EdgeRequestHandler(web.RequestHandler):
     ) -> tuple[web.StreamResponse, bool]:
         result = await super().finish_response(request, resp, start_time)
         ctx = request.get(CTX)
-        uninvited = ctx is not None and awaits_continue(request) and not ctx.continue_sent
-        if resp.status == 408 or uninvited:
-            # A 408 closes the connection (RFC 9110 §15.5.9), and so does a final answer to a
+        if ctx is None:
+            return result
+        stalled = ctx.error_code == RequestBodyTimeout.code
+        waiting = (
+            awaits_continue(request)
+            and not ctx.continue_sent
+            and request.content.total_bytes == 0  # it has not started sending regardless
+        )
+        if stalled or waiting:
+            # Our 408 closes the connection (RFC 9110 §15.5.9), and so does a final answer to a
             # client still waiting for 100 Continue (§10.1.1). In both cases no body is on its
-            # way: aiohttp's lingering read (up to 10 s, which keeps a client mid-upload from
-            # losing the answer to a reset) would only hold the connection. The answer is
+            # way, so aiohttp's lingering read (up to 10 s; it keeps a client that is uploading
+            # from losing the answer to a reset) would only hold the connection. The answer is
             # written by now, and close() sends what is buffered first.
             self.force_close()
         return result
@@ -264,7 +277,8 @@ class EdgeRequestHandler(web.RequestHandler):
             # Part of a response is out: nothing valid can follow; aiohttp drops the connection.
             raise ConnectionError("response already started; cannot send an error")
         error = parser_error(status, exc, self._gate)
-        self._gate.refuse(error.code)
+        if error.status < 500:  # a 500 is an error of the application, not a refusal
+            self._gate.refuse(error.code)
         if error.status >= 500:
             log.error("unhandled error answering %s", request.remote, exc_info=exc)
         else:
@@ -301,9 +315,11 @@ class EdgeRequestHandler(web.RequestHandler):
         complete request, and its connection is not reused."""
         log.info("refused a malformed request body from %s", request.remote)
         self._gate.refuse(BadRequest.code)
+        ctx = request.get(CTX)
+        if ctx is not None:
+            ctx.body_refused = True  # closing fails the body like a hang-up would
         transport = self.transport
         if transport is not None and request.writer.output_size == 0:
-            ctx = request.get(CTX)
             rid = ctx.request_id if ctx is not None else None
             transport.write(raw_error(BadRequest("malformed chunked body"), rid))
         self.force_close()

@@ -31,6 +31,7 @@ class RequestContext:
     limit_decision: str | None = None  # "allowed" | "rejected" | "shadow"
     upstream_s: float = 0.0  # time spent with the upstream (access log)
     continue_sent: bool = False  # "100 Continue" went out (Expect: 100-continue)
+    body_refused: bool = False  # the connection refused the body's framing (a 400, not a 499)
     span: Any = None  # the server span when tracing is on
 
 

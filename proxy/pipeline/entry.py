@@ -120,6 +120,7 @@ def awaits_continue(request: web.BaseRequest) -> bool:
     HTTP/1.1 only, as aiohttp has it)."""
     return (
         request.version == HttpVersion11
+        and request.body_exists
         and request.headers.get("Expect", "").lower() == "100-continue"
     )
 

@@ -192,6 +192,10 @@ class Forwarder:
             except (UpstreamUnavailable, UpstreamTimeout) as e:
                 self._telemetry.upstream_error(pool.name, e.code)
                 raise
+            except ClientClosedRequest:
+                if ctx.body_refused:  # the connection cut it for bad framing, not the client
+                    raise BadRequest("malformed chunked body") from None
+                raise
             finally:
                 ctx.upstream_s = loop.time() - started
 

@@ -31,7 +31,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
@@ -157,6 +157,7 @@ class RedisBucketStore:
         # bucket -> (monotonic time it may have a token again, tokens then-known, capacity)
         self._limited: dict[str, tuple[float, float, int, float]] = {}
         self._open = False
+        self._closing = False
         self._probe: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Future[Any]] = set()
         self.commands_sent = 0
@@ -223,9 +224,13 @@ class RedisBucketStore:
         started = self._clock()
         for checks in groups.values():
             self.commands_sent += 1
-            reply = self._client.run(
-                [bucket_key(c.bucket) for c in checks], [c.capacity for c in checks]
-            )
+            try:
+                reply = self._client.run(
+                    [bucket_key(c.bucket) for c in checks], [c.capacity for c in checks]
+                )
+            except Exception as e:  # nothing may leave these checks unanswered
+                self._failed(checks, e)
+                continue
             timer = loop.call_later(self._deadline, reply.cancel)
             self._inflight.add(reply)
             reply.add_done_callback(partial(self._replied, checks, started, timer))
@@ -243,34 +248,49 @@ class RedisBucketStore:
             error: BaseException | None = TimeoutError("no answer within the deadline")
         else:
             error = reply.exception()
-        if error is not None:  # every failure of the dependency, mapped here
-            # A fresh connection for the probe and what follows: the link may be dead, or (an
-            # error reply such as READONLY) lead to a master that a failover demoted, which
-            # still answers the probe's PING. Reconnecting asks the sentinels again.
-            self._client.reset()
-            self._trip(error)
-            for c in checks:
-                if not c.future.done():
-                    try:
-                        c.future.set_result(self._degraded(c.bucket, c.capacity))
-                    except RateLimiterUnavailable as err:
-                        c.future.set_exception(err)
+        if error is not None:
+            self._failed(checks, error)
             return
         values = reply.result()
         now = self._clock()
         self.slowest_call_s = max(self.slowest_call_s, now - started)
-        for i, c in enumerate(checks):
-            allowed, tokens = values[2 * i] == 1, float(values[2 * i + 1])
+        try:
+            if not isinstance(values, list):
+                raise TypeError(f"a {type(values).__name__}, not a list")
+            results = [(v == 1, float(t)) for v, t in zip(values[::2], values[1::2], strict=True)]
+            if len(results) != len(checks):
+                raise ValueError(f"{len(results)} results for {len(checks)} checks")
+        except (TypeError, ValueError) as e:  # not the script's reply: no decision from it
+            self._failed(checks, e)
+            return
+        for c, (allowed, tokens) in zip(checks, results, strict=True):
             if not allowed:
                 wait = seconds_until_token(tokens, c.capacity)
                 self._limited[c.bucket] = (now + wait, tokens, c.capacity, now)
             if not c.future.done():
                 c.future.set_result(decide(allowed, tokens, c.capacity))
 
+    def _failed(self, checks: list[_Check], error: BaseException) -> None:
+        """Every failure of the dependency, mapped here: each check answered degraded (or
+        503), the breaker open, and a fresh connection for the probe and what follows. The
+        link may be dead, or (an error reply such as READONLY) lead to a master that a
+        failover demoted, which still answers the probe's PING; reconnecting asks the
+        sentinels again."""
+        self._client.reset()
+        self._trip(error)
+        for c in checks:
+            if not c.future.done():
+                try:
+                    c.future.set_result(self._degraded(c.bucket, c.capacity))
+                except RateLimiterUnavailable as err:
+                    c.future.set_exception(err)
+
     def _trip(self, error: BaseException) -> None:
         if self._open:
             return
         self._open = True
+        if self._closing:  # no probe outlives close()
+            return
         log.error(
             "redis unavailable (%s): rate limiting %s",
             type(error).__name__,
@@ -292,6 +312,7 @@ class RedisBucketStore:
             return
 
     async def close(self) -> None:
+        self._closing = True
         await cancel(self._probe)
         if self._inflight:
             await asyncio.wait(list(self._inflight), timeout=self._deadline)
@@ -303,8 +324,13 @@ class PipelinedScriptClient:
     """Standalone and Sentinel: ``resp.PipelinedRedis``, EVALSHA with EVAL as the fallback
     for a Redis whose script cache is empty (restarted, failed over, ``SCRIPT FLUSH``)."""
 
-    def __init__(self, redis: PipelinedRedis) -> None:
+    def __init__(
+        self,
+        redis: PipelinedRedis,
+        on_close: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._redis = redis
+        self._on_close = on_close  # Sentinel mode: close the connections to the sentinels
         self.sha = hashlib.sha1(BATCH_SCRIPT.encode()).hexdigest()
 
     async def start(self) -> None:
@@ -312,21 +338,31 @@ class PipelinedScriptClient:
 
     def run(self, keys: list[str], args: list[int]) -> asyncio.Future[Any]:
         result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        first = self._redis.call("EVALSHA", self.sha, len(keys), *keys, *args)
+        pending = self._redis.call("EVALSHA", self.sha, len(keys), *keys, *args)
 
         def answered(call: asyncio.Future[Any]) -> None:
+            error = None if call.cancelled() else call.exception()  # always retrieved
             if result.done():  # the caller stopped waiting
                 return
-            error = call.exception()
             if isinstance(error, RespError) and str(error).startswith("NOSCRIPT"):
-                again = self._redis.call("EVAL", BATCH_SCRIPT, len(keys), *keys, *args)
-                again.add_done_callback(answered)
+                nonlocal pending
+                pending = self._redis.call("EVAL", BATCH_SCRIPT, len(keys), *keys, *args)
+                pending.add_done_callback(answered)
+            elif call.cancelled():
+                result.cancel()
             elif error is not None:
                 result.set_exception(error)
             else:
                 result.set_result(call.result())
 
-        first.add_done_callback(answered)
+        def abandoned(_: asyncio.Future[Any]) -> None:
+            # The deadline passed: a call still waiting for a connection is never sent, so
+            # Redis takes no token for a request already answered without it.
+            if result.cancelled():
+                pending.cancel()
+
+        pending.add_done_callback(answered)
+        result.add_done_callback(abandoned)
         return result
 
     async def ping(self) -> None:
@@ -337,6 +373,8 @@ class PipelinedScriptClient:
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+        if self._on_close is not None:
+            await self._on_close()
 
 
 class ClusterScriptClient:
@@ -400,7 +438,13 @@ def make_client(
             address: tuple[str, int] = await sentinel.discover_master(sentinel_service or "")
             return address
 
+        async def close_sentinels() -> None:
+            for client in sentinel.sentinels:
+                await client.aclose()
+
+        # With rediss://, the master's certificate is checked against the address the
+        # sentinels report (usually an IP): it must name that address.
         return PipelinedScriptClient(
-            PipelinedRedis(master, connect_timeout_s=deadline_s, **options)
+            PipelinedRedis(master, connect_timeout_s=deadline_s, **options), close_sentinels
         )
     return PipelinedScriptClient(PipelinedRedis.from_url(url, connect_timeout_s=deadline_s))

@@ -57,7 +57,9 @@ class _Connection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)  # uvloop's does not subclass it
 
     def send(self, command: bytes, future: asyncio.Future[Any]) -> None:
-        assert self._transport is not None
+        if self.closed or self._transport is None:  # lost before its owner heard of it
+            future.set_exception(ConnectionError("redis connection closed"))
+            return
         self._waiting.append(future)
         self._transport.write(command)
 
@@ -146,6 +148,8 @@ class PipelinedRedis:
     def call(self, *args: bytes | str | int) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         command = pack(*args)
+        if self._conn is not None and self._conn.closed:
+            self._conn = None
         if self._closed:
             future.set_exception(ConnectionError("redis client closed"))
         elif self._conn is not None:
@@ -157,15 +161,17 @@ class PipelinedRedis:
         return future
 
     def reset(self) -> None:
-        """Drop the connection (a call missed its deadline: the link may be dead); the next
-        call opens a new one."""
-        if self._conn is not None:
-            self._conn.abort()
+        """Drop the connection (a call failed or missed its deadline: the link may be dead);
+        the next call opens a new one."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.abort()
 
     async def _connect(self) -> None:
         """Never raises: a failed connect fails the calls that waited for it."""
         loop = asyncio.get_running_loop()
         conn: _Connection | None = None
+        replies: list[asyncio.Future[Any]] = []
         try:
             async with asyncio.timeout(self._connect_timeout):
                 host, port = await self._address()
@@ -177,7 +183,12 @@ class PipelinedRedis:
                 replies = [self._send(conn, command) for command in self._handshake]
                 for reply in replies:
                     await reply
+            if conn.closed:  # refused after the accept (maxclients, protected mode)
+                raise ConnectionError("closed by redis")
         except (Exception, asyncio.CancelledError) as e:
+            for reply in replies:  # a refused AUTH also fails the SELECT behind it
+                if reply.done() and not reply.cancelled():
+                    reply.exception()
             if conn is not None:
                 conn.abort()
             self._fail_backlog(ConnectionError(f"cannot connect to redis: {e!r}"))
@@ -215,8 +226,9 @@ class PipelinedRedis:
         if self._connecting is not None:
             self._connecting.cancel()
             await asyncio.gather(self._connecting, return_exceptions=True)
-        if self._conn is not None:
-            self._conn.abort()
+        # A connect cancelled before it ran never reached its own clean-up.
+        self._fail_backlog(ConnectionError("redis client closed"))
+        self.reset()
 
 
 def parse_url(url: str) -> tuple[str, int, dict[str, Any]]:

@@ -184,3 +184,67 @@ def _sha1(text: str) -> str:
     import hashlib
 
     return hashlib.sha1(text.encode()).hexdigest()
+
+
+async def test_a_redis_that_refuses_after_the_accept_does_not_leave_a_dead_connection(
+    own_redis: RedisServer,
+) -> None:
+    """Redis at maxclients (or in protected mode) accepts, sends an error and closes: the call
+    fails, and the next one connects afresh instead of writing to the dead connection."""
+    refused = 0
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal refused
+        refused += 1
+        writer.write(b"-ERR max number of clients reached\r\n")
+        writer.close()
+
+    fake = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    fake_port = fake.sockets[0].getsockname()[1]
+    targets = [("127.0.0.1", fake_port), ("127.0.0.1", own_redis.port)]
+
+    async def address() -> tuple[str, int]:
+        return targets.pop(0) if len(targets) > 1 else targets[0]
+
+    redis = PipelinedRedis(address, connect_timeout_s=2)
+    try:
+        with pytest.raises((ConnectionError, RespError)):
+            await asyncio.wait_for(redis.call("PING"), 5)
+        assert refused == 1
+        # A call may still meet the dying connection; within a few it must be a fresh one.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while True:
+            try:
+                assert await asyncio.wait_for(redis.call("PING"), 5) == b"PONG"
+                break
+            except ConnectionError:
+                assert loop.time() < deadline
+                await asyncio.sleep(0.01)
+    finally:
+        await redis.aclose()
+        fake.close()
+        await fake.wait_closed()
+
+
+async def test_a_script_call_abandoned_while_connecting_is_never_sent(
+    own_redis: RedisServer, admin: aioredis.Redis
+) -> None:
+    """Its deadline passed before the connection was up: the request was answered without
+    Redis (degraded or 503), so Redis must not take a token for it afterwards."""
+    connect = asyncio.Event()
+
+    async def slow_address() -> tuple[str, int]:
+        await connect.wait()
+        return "127.0.0.1", own_redis.port
+
+    await admin.script_load(BATCH_SCRIPT)  # EVALSHA would run at once
+    client = PipelinedScriptClient(PipelinedRedis(slow_address, connect_timeout_s=5))
+    try:
+        reply = client.run([bucket_key("abandoned")], [10])
+        reply.cancel()  # what the store's deadline timer does
+        connect.set()
+        assert await asyncio.wait_for(client._redis.call("PING"), 5) == b"PONG"
+        assert await admin.exists(bucket_key("abandoned")) == 0
+    finally:
+        await client.aclose()

@@ -304,8 +304,26 @@ def test_bad_chunk_after_the_head_is_400_and_closed(proxy: Proxy, echo: Echo) ->
         proxy.port, _request(H, "Content-Length: 2", body=b"ok", rid=str(uuid.uuid4()))
     )
     assert ok is not None and ok.status == 200
-    # The client's broken body is not counted against the upstream.
+    # The client's broken body is not counted against the upstream, and it is recorded as the
+    # 400 it got (the connection is closed to refuse it, which fails the body like a hang-up:
+    # not a 499).
     assert _upstream_errors(proxy) == upstream_errors_before
+    line = _access_line(proxy, rid)
+    assert (line["status"], line["error"]) == (400, "bad_request")
+
+
+def _access_line(proxy: Proxy, rid: str) -> dict[str, object]:
+    """The proxy's access-log line for ``rid`` (written in batches: polled, with a deadline)."""
+    assert proxy.log is not None
+    end = time.monotonic() + 5
+    while True:
+        for text in proxy.log.read_text(errors="replace").splitlines():
+            if text.startswith("{") and rid in text:
+                entry: dict[str, object] = json.loads(text)
+                if entry.get("request_id") == rid:
+                    return entry
+        assert time.monotonic() < end, f"no access-log line for {rid}"
+        time.sleep(0.05)
 
 
 def _metric(proxy: Proxy, name: str) -> dict[tuple[tuple[str, str], ...], float]:
@@ -571,6 +589,39 @@ def test_a_request_refused_before_its_body_gets_no_100_continue_and_a_closed_con
         assert _json_error(response)["code"] == "no_route"
         assert response.header("Connection") == "close"
         assert _closed(s)
+
+
+def test_expect_with_an_empty_body_keeps_the_connection(proxy: Proxy) -> None:
+    """No body, nothing to invite: the answer is final and the connection carries on."""
+    with _connect(proxy.port) as s:
+        s.sendall(_request(H, "Expect: 100-continue", "Content-Length: 0", rid="x"))
+        first = _read_response(s)
+        assert first is not None and first.status == 200
+        assert first.header("Connection") != "close"
+        s.sendall(_request(H, "Content-Length: 0", "Connection: close", rid="y"))
+        second = _read_response(s)
+        assert second is not None and second.status == 200
+
+
+def test_a_client_that_sends_its_body_without_waiting_still_gets_the_refusal(
+    proxy: Proxy,
+) -> None:
+    """RFC 9110 lets a client send the body without waiting for 100 Continue: the refusal must
+    reach it whole (aiohttp's lingering read, not an immediate close that could reset it)."""
+    data = _request(
+        H,
+        "Expect: 100-continue",
+        "Content-Length: 5",
+        target="/nowhere",
+        body=b"hello",
+        rid="x",
+    )
+    with _connect(proxy.port) as s:
+        s.sendall(data)
+        response = _read_response(s)
+        assert response is not None and response.status == 404
+        assert _json_error(response)["code"] == "no_route"
+        assert response.header("Connection") == "close"
 
 
 def test_head_sent_slowly_within_the_deadline_is_served(proxy: Proxy) -> None:
