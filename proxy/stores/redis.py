@@ -127,7 +127,7 @@ class ScriptClient(Protocol):
     async def ping(self) -> None: ...
 
     def reset(self) -> None:
-        """A call missed its deadline: do not trust the connection it went out on."""
+        """A call failed or missed its deadline: do not trust the connection it went out on."""
 
     async def aclose(self) -> None: ...
 
