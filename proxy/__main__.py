@@ -12,16 +12,22 @@ import ipaddress
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import asyncpg
 
 from proxy.settings import ConfigError, Settings, load_settings, parse_host_port
+
+if TYPE_CHECKING:
+    from proxy.worker_metrics import WorkerSet
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,6 +102,7 @@ def _check_bindable(settings: Settings) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from proxy.app import build_stores, serve
     from proxy.supervisor import run_workers
+    from proxy.worker_metrics import WorkerSet
 
     if args.workers < 1:
         raise ConfigError(f"--workers: must be at least 1, got {args.workers}")
@@ -107,14 +114,14 @@ def _serve(args: argparse.Namespace) -> int:
     build_stores(settings)  # validates the stores' configuration (embedded file...) up front
     _check_bindable(settings)
 
-    def worker() -> int:
+    def worker(workers: WorkerSet | None = None) -> int:
         import uvloop
 
         from proxy.logs import start_logging
 
         listener = start_logging()  # per process: a thread does not survive a fork
         try:
-            uvloop.run(serve(settings, build_stores(settings), load))
+            uvloop.run(serve(settings, build_stores(settings), load, workers))
         except OSError as e:
             print(f"flatrender-edge: error: cannot listen: {e.strerror or e}", file=sys.stderr)
             return 2
@@ -124,7 +131,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.workers == 1:
         return worker()
-    return run_workers(args.workers, worker)
+    # Where each worker serves its own /metrics to its siblings (proxy.worker_metrics).
+    directory = Path(tempfile.mkdtemp(prefix="flatrender-edge-workers-"))
+    try:
+        return run_workers(
+            args.workers, lambda index: worker(WorkerSet(directory, index, args.workers))
+        )
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _migrate(_args: argparse.Namespace) -> int:

@@ -53,6 +53,7 @@ from proxy.stores.redis import RedisBucketStore, make_client
 from proxy.stores.usage import NoUsage, UsageRecorder
 from proxy.telemetry import Telemetry, counter, gauge
 from proxy.upstreams import Routing
+from proxy.worker_metrics import WorkerSet, all_workers, serve_own
 
 log = logging.getLogger("proxy")
 ROUTING = web.AppKey("routing", Routing)
@@ -259,7 +260,10 @@ def build_app(
 
 
 def build_admin_app(
-    stores: Stores, draining: asyncio.Event | None = None, telemetry: Telemetry | None = None
+    stores: Stores,
+    draining: asyncio.Event | None = None,
+    telemetry: Telemetry | None = None,
+    workers: WorkerSet | None = None,
 ) -> web.Application:
     """The admin listener: never on the public port (CONTRACT §10). ``/readyz`` turns 503 as
     soon as a drain starts, so load balancers stop sending before the listener closes."""
@@ -288,8 +292,11 @@ def build_admin_app(
         return web.json_response({"allowed": allowed}, status=200 if allowed else 404)
 
     async def metrics(_request: web.Request) -> web.Response:
-        """Prometheus text exposition (prometheus-client); this worker's figures."""
+        """Prometheus text exposition (prometheus-client): this worker's figures, or with
+        ``--workers N`` every worker's, labelled by worker (proxy.worker_metrics)."""
         body = telemetry.exposition() if telemetry is not None else b""
+        if workers is not None:
+            body = await all_workers(workers, body)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     admin = web.Application()
@@ -314,7 +321,10 @@ def runner_kwargs(settings: Settings) -> dict[str, object]:
 
 
 async def serve(
-    settings: Settings, stores: Stores, reload: Callable[[], Settings] | None = None
+    settings: Settings,
+    stores: Stores,
+    reload: Callable[[], Settings] | None = None,
+    workers: WorkerSet | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT, then stop accepting and let in-flight requests finish
     (up to ``shutdown_timeout_s``) before the stores drain. SIGHUP re-reads the routes and
@@ -329,7 +339,8 @@ async def serve(
         **handler_kwargs,  # type: ignore[arg-type]
     )
     draining = asyncio.Event()
-    admin = web.AppRunner(build_admin_app(stores, draining, app[TELEMETRY]), access_log=None)
+    telemetry = app[TELEMETRY]
+    admin = web.AppRunner(build_admin_app(stores, draining, telemetry, workers), access_log=None)
     await runner.setup()
     await admin.setup()
     # The public listener's connections are proxy.connection's (parser errors as JSON, head
@@ -355,6 +366,17 @@ async def serve(
         ]
     )
     await web.TCPSite(admin, s.admin_listen.host, s.admin_listen.port, reuse_port=True).start()
+    own_metrics = None
+    if workers is not None:
+
+        async def own(_request: web.Request) -> web.Response:
+            return web.Response(
+                body=telemetry.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+            )
+
+        exposition = web.Application()
+        exposition.router.add_get("/metrics", own)
+        own_metrics = await serve_own(workers, exposition)
     log.warning("listening on %s, admin on %s (pid %d)", s.listen, s.admin_listen, os.getpid())
     freeze_startup_objects()
     stop = asyncio.Event()
@@ -371,6 +393,8 @@ async def serve(
     listener.close()  # stop accepting; the runner then drains the open connections
     await runner.cleanup()
     await admin.cleanup()
+    if own_metrics is not None:
+        await own_metrics.cleanup()
 
 
 def freeze_startup_objects() -> None:

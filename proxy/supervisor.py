@@ -24,9 +24,9 @@ log = logging.getLogger("proxy.supervisor")
 RESTART_BACKOFF_S = 1.0
 
 
-def run_workers(count: int, worker: Callable[[], int]) -> int:
-    """Fork ``count`` workers running ``worker()``; supervise until stopped. Returns the exit
-    status of the whole server."""
+def run_workers(count: int, worker: Callable[[int], int]) -> int:
+    """Fork ``count`` workers running ``worker(index)``; supervise until stopped (a restarted
+    worker keeps its index). Returns the exit status of the whole server."""
     children: dict[int, int] = {}  # pid -> worker index
     stopping = False
     last_start: dict[int, float] = {}
@@ -38,7 +38,7 @@ def run_workers(count: int, worker: Callable[[], int]) -> int:
                 signal.signal(sig, signal.SIG_DFL)
             code = 1
             try:
-                code = worker()
+                code = worker(index)
             finally:
                 os._exit(code)
         children[pid] = index

@@ -83,6 +83,37 @@ async def test_two_workers_survive_one_being_killed(
     assert "Traceback" not in output
 
 
+async def test_metrics_with_two_workers_show_both_whichever_answers(
+    echo: Echo, tmp_path: Path
+) -> None:
+    """The workers share the admin port, so a scrape reaches one of them; it must still count
+    every request, each worker's series labelled by worker."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    proxy = start_proxy(_config(tmp_path, echo), args=("--workers", "2"))
+    try:
+        parent = psutil.Process(proxy.proc.pid)
+        await eventually(5, lambda: _workers(parent, 2))
+        # A new connection per request, so the kernel spreads them over both workers.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+            for i in range(40):
+                assert await status(s, proxy, f"/public/{i}") == 200
+            url = f"http://127.0.0.1:{proxy.admin_port}/metrics"
+            for _ in range(6):  # several scrapes: both workers answer some of them
+                async with s.get(url) as r:
+                    text = await r.text()
+                served = {
+                    sample.labels["worker"]: sample.value
+                    for family in text_string_to_metric_families(text)
+                    for sample in family.samples
+                    if sample.name == "edge_requests_total" and sample.labels["route"] == "/public"
+                }
+                assert sum(served.values()) == 40, served
+                assert set(served) <= {"0", "1"}
+    finally:
+        stop(proxy.proc)
+
+
 async def _workers(parent: psutil.Process, n: int) -> bool:
     return len(parent.children()) == n
 
