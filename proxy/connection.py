@@ -60,11 +60,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
-from aiohttp.http import RawRequestMessage
+from aiohttp.http import HttpVersion10, HttpVersion11, RawRequestMessage
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.streams import StreamReader
 
-from proxy.context import CTX
+from proxy.context import CTX, UNSERVED_VERSION
 from proxy.errors import (
     BadRequest,
     HeadersTooLarge,
@@ -401,13 +401,23 @@ def _tolerant(factory: RequestFactory) -> RequestFactory:
         writer: AbstractStreamWriter,
         task: asyncio.Task[None],
     ) -> web.BaseRequest:
+        unserved = message.version not in (HttpVersion10, HttpVersion11)
+        if unserved:
+            # llhttp accepts HTTP/0.9 and 2.0 request lines, and aiohttp would answer them in
+            # kind ("HTTP/2.0 200 OK"). Rebuilt as HTTP/1.1 with the connection to close, the
+            # entry stage refuses it with a 505 the client can read.
+            requested = message.version
+            message = message._replace(version=HttpVersion11, should_close=True)
         try:
-            return factory(message, payload, protocol, writer, task)
+            request = factory(message, payload, protocol, writer, task)
         except ValueError:
             if not message.url.absolute:
                 raise
             relative = message._replace(url=message.url.relative())
-            return factory(relative, payload, protocol, writer, task)
+            request = factory(relative, payload, protocol, writer, task)
+        if unserved:
+            request[UNSERVED_VERSION] = f"HTTP/{requested.major}.{requested.minor}"
+        return request
 
     return make
 

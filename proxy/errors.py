@@ -125,6 +125,12 @@ class RequestBodyTimeout(ProxyError):
     message = "the request body stalled for longer than body_timeout_s"
 
 
+class HttpVersionNotSupported(ProxyError):
+    # RFC 9110 §15.6.6: only HTTP/1.0 and HTTP/1.1 are served on this listener.
+    status, code = 505, "http_version_not_supported"
+    message = "only HTTP/1.0 and HTTP/1.1 are served here"
+
+
 class UpstreamUnavailable(ProxyError):
     status, code, message = 502, "upstream_unavailable", "the upstream service is unreachable"
 

@@ -17,10 +17,16 @@ from aiohttp.http import HttpVersion11
 from aiohttp.typedefs import Handler, Middleware
 
 from proxy.access_log import AccessLog
-from proxy.context import CTX, RequestContext
+from proxy.context import CTX, UNSERVED_VERSION, RequestContext
 from proxy.core.cors import merge_vary
 from proxy.core.forwarding import IPNetwork, client_address, request_id
-from proxy.errors import BadRequest, InternalError, PayloadTooLarge, ProxyError
+from proxy.errors import (
+    BadRequest,
+    HttpVersionNotSupported,
+    InternalError,
+    PayloadTooLarge,
+    ProxyError,
+)
 from proxy.telemetry import Telemetry
 
 log = logging.getLogger("proxy.entry")
@@ -95,6 +101,8 @@ async def _answer(
     request: web.Request, handler: Handler, ctx: RequestContext
 ) -> web.StreamResponse:
     try:
+        if UNSERVED_VERSION in request:
+            raise HttpVersionNotSupported()
         return await handler(request)
     except ProxyError as e:
         error = e
@@ -107,10 +115,11 @@ async def _answer(
         error = InternalError()
     ctx.error_code = error.code
     response = error_response(error, ctx.request_id)
-    if error.status in (400, 408):
+    if error.status in (400, 408, 505):
         # After a malformed request the connection is not trusted with another one: its framing
         # may be off by any number of bytes (nginx closes after a 400 too). After a stalled
-        # body the rest of it may still arrive: 408 means closing (RFC 9110 §15.5.9).
+        # body the rest of it may still arrive: 408 means closing (RFC 9110 §15.5.9). After a
+        # 505 the rest of the message is in a framing this server does not speak.
         response.force_close()
     return response
 

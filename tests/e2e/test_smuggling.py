@@ -624,6 +624,22 @@ def test_a_client_that_sends_its_body_without_waiting_still_gets_the_refusal(
         assert response.header("Connection") == "close"
 
 
+@pytest.mark.parametrize("version", ["HTTP/2.0", "HTTP/0.9"])  # 1.2, 3.0: llhttp says 400
+def test_a_version_other_than_http_1_is_505_in_http_1_1(proxy: Proxy, version: str) -> None:
+    """llhttp accepts these request lines and aiohttp would answer in kind ("HTTP/2.0 200
+    OK"). RFC 9110 §15.6.6: 505, in a status line the client can read, and the connection
+    closes (the rest of the message is in a framing this server does not speak)."""
+    with _connect(proxy.port) as s:
+        s.sendall(_request(H, method="GET", target="/public/x", version=version, rid="x"))
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    assert raw.startswith(b"HTTP/1.1 505 "), raw[:80]
+    response = _parse(raw)
+    assert _json_error(response)["code"] == "http_version_not_supported"
+    assert response.header("Connection") == "close"
+
+
 def test_head_sent_slowly_within_the_deadline_is_served(proxy: Proxy) -> None:
     data = _request(H, "Connection: close", method="GET", rid=str(uuid.uuid4()))
     with _connect(proxy.port) as s:
