@@ -60,6 +60,8 @@ def _write_config(tmp: Path, echo_url: str) -> Path:
     config = tmp / "edge.toml"
     config.write_text(
         f'[tenancy]\nembedded_file = "{tenants}"\n[ratelimit]\ntimeout_ms = 10000\n'
+        # The proxy runs in this process: its access log would bury the table on stdout.
+        "[telemetry]\naccess_log = false\n"
         f'[upstreams.up]\nurls = ["{echo_url}"]\n'
         '[[routes]]\nprefix = "/v1"\nupstream = "up"\nauth = "api_key"\n'
     )
