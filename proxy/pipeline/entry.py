@@ -72,7 +72,7 @@ def entry_stage(
             ctx.span = span
             try:
                 response = await _answer(request, handler, ctx)
-                status, sent = response.status, response.body_length
+                status, sent = response.status, _body_bytes(request.method, response)
                 return response
             except (asyncio.CancelledError, ConnectionResetError):
                 status = 499
@@ -95,6 +95,16 @@ def entry_stage(
                         span.set_attribute("flatrender.limiter", ctx.limit_decision)
 
     return entry
+
+
+def _body_bytes(method: str, response: web.StreamResponse) -> int:
+    """Body bytes sent (nginx's ``$body_bytes_sent``). A streamed answer has been written by
+    now; a ``web.Response`` (the proxy's own JSON errors) is written after this stage returns,
+    so its body's length is the figure (none for HEAD, RFC 9110 §9.3.2)."""
+    body = response.body if isinstance(response, web.Response) else None
+    if isinstance(body, bytes) and method != "HEAD":
+        return len(body)
+    return response.body_length
 
 
 async def _answer(

@@ -177,6 +177,12 @@ async def test_access_log_is_json_without_secrets(echo: Echo, tmp_path: Path) ->
         ):
             assert r.status == 200
             await r.read()
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(f"{proxy.url}/v1/renders/9", headers={"Host": HOST}) as r,
+        ):
+            assert r.status == 401
+            refused_bytes = len(await r.read())  # the proxy's own JSON answer
     finally:
         output = proxy.output()
     lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
@@ -185,6 +191,8 @@ async def test_access_log_is_json_without_secrets(echo: Echo, tmp_path: Path) ->
     assert line["tenant_id"] == ACME_ID and line["route"] == "/v1/renders"
     assert line["api_key_id"] and line["limiter"] == "allowed"
     assert line["duration_ms"] >= line["upstream_ms"] > 0 and line["bytes_sent"] > 0
+    refused = next(entry for entry in lines if entry["error"] == "missing_api_key")
+    assert refused["status"] == 401 and refused["bytes_sent"] == refused_bytes
     assert DEMO_KEY not in output and "s3cr3t" not in output
 
 
