@@ -40,7 +40,10 @@ open. ``data_received`` notices it and answers 400 and closes (see ``_refuse_bod
 What this relies on in aiohttp (3.14; pinned by ``tests/e2e/test_smuggling.py`` and
 ``tests/unit/test_http_hardening.py``): the ``RequestHandler(manager, loop=..., **kwargs)``
 constructor, ``handle_error``'s signature and that parse errors reach it with the parser's
-exception, ``force_close()``, ``request.writer.output_size``, ``web.Server.request_factory``
+exception, ``finish_response``'s signature (overridden to close after our 408 and after a final
+answer to a client still waiting for 100 Continue, instead of aiohttp's lingering read),
+``StreamReader.total_bytes``, ``force_close()``, ``request.writer.output_size``,
+``web.Server.request_factory``
 (wrapped by ``_tolerant``, pinned by ``tests/fuzz/corpus/line-absolute-form-bad-idna-host.txt``)
 and its message's ``_replace`` (a NamedTuple), and one private attribute, read
 only: ``RequestHandler._request_count`` (messages parsed on the connection, kept since aiohttp
