@@ -355,7 +355,7 @@ async def serve(
     listener = await listen(
         runner, s.listen.host, s.listen.port, gate, handler_kwargs, backlog=1024
     )
-    app[TELEMETRY].collect_from(
+    telemetry.collect_from(
         lambda: [
             counter(
                 "edge_connection_refusals",
