@@ -63,7 +63,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
-from aiohttp.http import HttpVersion10, HttpVersion11, RawRequestMessage
+from aiohttp.http import HttpVersion11, RawRequestMessage
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.streams import StreamReader
 
@@ -404,7 +404,8 @@ def _tolerant(factory: RequestFactory) -> RequestFactory:
         writer: AbstractStreamWriter,
         task: asyncio.Task[None],
     ) -> web.BaseRequest:
-        unserved = message.version not in (HttpVersion10, HttpVersion11)
+        # Any HTTP/1.x is served as the highest 1.x this server speaks (RFC 9110 §2.5).
+        unserved = message.version.major != 1
         if unserved:
             # llhttp accepts HTTP/0.9 and 2.0 request lines, and aiohttp would answer them in
             # kind ("HTTP/2.0 200 OK"). Rebuilt as HTTP/1.1 with the connection to close, the

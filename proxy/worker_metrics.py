@@ -44,14 +44,23 @@ class WorkerSet:
         return self.directory / f"worker-{index}.sock"
 
 
-async def serve_own(workers: WorkerSet, exposition: web.Application) -> web.AppRunner:
-    """This worker's own figures on its socket (a restarted worker replaces the old file)."""
+async def serve_own(workers: WorkerSet, exposition: web.Application) -> web.AppRunner | None:
+    """This worker's own figures on its socket (a restarted worker replaces the old file).
+
+    A socket that cannot be made (a path over the unix-socket length limit, a directory a
+    temp cleaner removed) costs the siblings this worker's figures, not the worker: it is
+    already serving requests, and failing here would have it restarted in a loop."""
     path = workers.socket(workers.index)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
     runner = web.AppRunner(exposition, access_log=None)
     await runner.setup()
-    await web.UnixSite(runner, str(path)).start()
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        await web.UnixSite(runner, str(path)).start()
+    except OSError as e:
+        log.warning("worker metrics: cannot serve %s (%s): scrapes will miss this worker", path, e)
+        await runner.cleanup()
+        return None
     return runner
 
 
@@ -77,11 +86,17 @@ async def all_workers(workers: WorkerSet, own: bytes) -> bytes:
     others = [i for i in range(workers.count) if i != workers.index]
     by_worker = {workers.index: own.decode()}
     by_worker.update({i: t for i, t in zip(others, texts, strict=True) if t is not None})
-    return merge(by_worker)
+    # Parsing and rendering N expositions is pure Python: in a thread, the event loop keeps
+    # its turns (the GIL is handed over every few ms) instead of waiting for the whole merge.
+    return await asyncio.to_thread(merge, by_worker)
 
 
 def merge(by_worker: dict[int, str]) -> bytes:
-    families: dict[str, Metric] = {}
+    answered = Metric(
+        "edge_metrics_workers_answered", "Workers whose figures this scrape holds", "gauge"
+    )
+    answered.add_sample("edge_metrics_workers_answered", {}, len(by_worker))
+    families: dict[str, Metric] = {answered.name: answered}
     for index in sorted(by_worker):
         for family in text_string_to_metric_families(by_worker[index]):
             merged = families.get(family.name)
@@ -90,7 +105,11 @@ def merge(by_worker: dict[int, str]) -> bytes:
                     family.name, family.documentation, family.type, family.unit
                 )
             for s in family.samples:
-                merged.add_sample(s.name, {**s.labels, "worker": str(index)}, s.value, s.timestamp)
+                labels = dict(s.labels)
+                if "worker" in labels:  # never two labels of one name (Prometheus's convention)
+                    labels["exported_worker"] = labels.pop("worker")
+                labels["worker"] = str(index)
+                merged.add_sample(s.name, labels, s.value, s.timestamp)
 
     class _Merged:
         def collect(self) -> Iterable[Metric]:

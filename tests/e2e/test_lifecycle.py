@@ -110,6 +110,7 @@ async def test_metrics_with_two_workers_show_both_whichever_answers(
                 }
                 assert sum(served.values()) == 40, served
                 assert set(served) <= {"0", "1"}
+                assert "\nedge_metrics_workers_answered 2.0\n" in text
     finally:
         stop(proxy.proc)
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.worker_metrics import merge
+from proxy.worker_metrics import WorkerSet, merge, serve_own
 
 
 def _worker_text(requests: int, depth: float, seconds: list[float]) -> str:
@@ -39,3 +43,22 @@ def test_samples_of_every_worker_survive_with_their_worker_label() -> None:
     assert {lb["worker"] for lb in buckets} == {"0", "1"} and all("le" in lb for lb in buckets)
     # One family per name, not one per worker: a scraper sees each TYPE line once.
     assert merged.decode().count("# TYPE edge_requests_total counter") == 1
+
+
+def test_a_worker_label_of_the_metric_itself_is_kept_as_exported_worker() -> None:
+    registry = CollectorRegistry()
+    Gauge("jobs", "Jobs", ["worker"], registry=registry).labels("thumbnailer").set(2)
+    merged = merge({1: generate_latest(registry).decode()}).decode()
+    samples = {
+        s.name: s for family in text_string_to_metric_families(merged) for s in family.samples
+    }
+    assert samples["jobs"].labels == {"exported_worker": "thumbnailer", "worker": "1"}
+    assert samples["edge_metrics_workers_answered"].value == 1
+
+
+async def test_a_socket_that_cannot_be_made_costs_the_figures_not_the_worker(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    gone = WorkerSet(tmp_path / "removed-by-a-temp-cleaner", 0, 2)
+    assert await serve_own(gone, web.Application()) is None
+    assert "scrapes will miss this worker" in caplog.text
