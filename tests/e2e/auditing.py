@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
-import pytest
 
 from proxy.audit.record import AuditRecord
 from proxy.settings import AuditSettings
@@ -49,16 +45,6 @@ def settings(spool_dir: Path, **overrides: object) -> AuditSettings:
     }
     values.update(overrides)
     return AuditSettings(**values)  # type: ignore[arg-type]
-
-
-async def within(seconds: float, check: Callable[[], Awaitable[bool]]) -> float:
-    """Poll ``check`` until true; fail the test after ``seconds``. Returns the time it took."""
-    start = time.monotonic()
-    while not await check():
-        if time.monotonic() - start > seconds:
-            pytest.fail(f"not true within {seconds}s")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - start
 
 
 async def count_rows(conn: asyncpg.Connection) -> int:

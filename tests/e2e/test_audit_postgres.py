@@ -22,7 +22,8 @@ import pytest_asyncio
 
 from proxy.migrate import apply_migrations
 from proxy.stores.keyadmin import create_key
-from tests.e2e.auditing import assert_usage_matches_rows, copies, within
+from tests.e2e.auditing import assert_usage_matches_rows, copies
+from tests.e2e.support import within
 from tests.procs import Echo, Proxy, free_port, start_proxy, stop, write_config
 from tests.servers import PostgresServer
 

@@ -27,8 +27,8 @@ from tests.e2e.auditing import (
     count_rows,
     record,
     settings,
-    within,
 )
+from tests.e2e.support import within
 from tests.procs import free_port
 from tests.servers import PostgresServer
 from tests.unit.test_audit_spool import dead_pid
