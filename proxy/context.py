@@ -36,6 +36,6 @@ class RequestContext:
 
 
 CTX = web.RequestKey("flatrender_ctx", RequestContext)
-# The version a request line named when it was not HTTP/1.0 or 1.1 (the request itself is
+# The version a request line named when it was not HTTP/1.x (the request itself is
 # rebuilt as HTTP/1.1 so that the refusal's status line is one the client can read).
 UNSERVED_VERSION = web.RequestKey("flatrender_unserved_version", str)

@@ -80,10 +80,8 @@ async def _fetch(path: Path) -> str | None:
 
 async def all_workers(workers: WorkerSet, own: bytes) -> bytes:
     """Every worker's samples with a ``worker`` label, as one exposition."""
-    texts = await asyncio.gather(
-        *(_fetch(workers.socket(i)) for i in range(workers.count) if i != workers.index)
-    )
     others = [i for i in range(workers.count) if i != workers.index]
+    texts = await asyncio.gather(*(_fetch(workers.socket(i)) for i in others))
     by_worker = {workers.index: own.decode()}
     by_worker.update({i: t for i, t in zip(others, texts, strict=True) if t is not None})
     # Parsing and rendering N expositions is pure Python: in a thread, the event loop keeps
