@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 import orjson
 
-from proxy.background import cancel, every
+from proxy.background import Periodic
 from proxy.context import RequestContext
 
 _STOP = b""
@@ -35,7 +35,6 @@ class AccessLog:
         max_pending_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self._stream = stream if stream is not None else sys.stderr.buffer
-        self._interval = flush_interval_s
         self._batch_bytes = batch_bytes
         self._max_pending = max_pending_bytes
         self._lines: list[bytes] = []
@@ -44,7 +43,7 @@ class AccessLog:
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._task: asyncio.Task[None] | None = None
+        self.job = Periodic("access-log", flush_interval_s, self.flush)
         self.dropped = 0
 
     def record(
@@ -98,11 +97,10 @@ class AccessLog:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._write, name="access-log", daemon=True)
         self._thread.start()
-        self._task = every(self._interval, self.flush)
+        self.job.start()
 
     async def close(self) -> None:
-        await cancel(self._task)
-        self.flush()
+        await self.job.stop()  # between two flushes, then the last one
         self._queue.put(_STOP)
         if self._thread is not None:
             # Bounded: a stream that never drains must not hold shutdown forever.

@@ -26,6 +26,7 @@ from prometheus_client.core import Metric
 from proxy.access_log import AccessLog
 from proxy.audit.jsonl import JsonlAuditSink
 from proxy.audit.postgres import PostgresAuditSink
+from proxy.background import Job, job_failures
 from proxy.connection import ConnectionGate, listen
 from proxy.core.hosts import BadHost, normalize_host
 from proxy.errors import TenantStoreUnavailable
@@ -107,6 +108,7 @@ def store_metrics(stores: Stores) -> Callable[[], Iterable[Metric]]:
                 ["store"],
                 [(["postgres"], stores.identity.db.errors)],
             )
+        yield job_failures(stores.jobs())
         audit = stores.audit
         if isinstance(audit, PostgresAuditSink):
             c = audit.counters
@@ -164,6 +166,11 @@ class Stores:
         if self.identity is not None:
             await self.identity.close()
         await self.buckets.close()
+
+    def jobs(self) -> list[Job]:
+        """The background jobs the stores run (their failures are a metric)."""
+        held = (self.usage, self.audit)
+        return [x.job for x in held if isinstance(x, UsageRecorder | JsonlAuditSink)]
 
     async def ready(self) -> bool:
         identity = await self.identity.ready() if self.identity is not None else True

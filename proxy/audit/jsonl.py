@@ -15,7 +15,7 @@ from pathlib import Path
 import orjson
 
 from proxy.audit.record import AuditRecord
-from proxy.background import cancel, every
+from proxy.background import Periodic
 
 log = logging.getLogger("proxy.audit")
 
@@ -23,9 +23,8 @@ log = logging.getLogger("proxy.audit")
 class JsonlAuditSink:
     def __init__(self, path: Path, flush_interval_ms: int) -> None:
         self._path = path
-        self._interval = flush_interval_ms / 1000
         self._pending: list[AuditRecord] = []
-        self._task: asyncio.Task[None] | None = None
+        self.job = Periodic("audit-jsonl", flush_interval_ms / 1000, self.flush)
         self.rows_written = 0
 
     def submit(self, record: AuditRecord) -> None:
@@ -52,8 +51,7 @@ class JsonlAuditSink:
 
     async def start(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        self._task = every(self._interval, self.flush)
+        self.job.start()
 
     async def close(self) -> None:
-        await cancel(self._task)
-        await self.flush()
+        await self.job.stop()  # between two flushes, then the last one

@@ -54,6 +54,7 @@ import asyncpg
 from proxy.audit.partitions import ensure_partition, month_of
 from proxy.audit.record import AuditRecord
 from proxy.audit.spool import Spool
+from proxy.core.backoff import backoff_s
 from proxy.settings import AuditSettings, ConfigError
 from proxy.stores.postgres import DB_ERRORS, close_pool, create_pool, run_bounded
 
@@ -335,10 +336,9 @@ class PostgresAuditSink:
             await self._pause(self._backoff(failures) if failures else None)
 
     def _backoff(self, failures: int) -> float:
-        """Exponential, capped, with "equal jitter": processes that lost Postgres together do
-        not all come back in the same instant, and no wait collapses to zero."""
-        ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * (1 << min(failures - 1, 16)))
-        return ceiling / 2 + ceiling / 2 * self._jitter()
+        return backoff_s(
+            failures, base_s=BACKOFF_BASE_S, cap_s=BACKOFF_CAP_S, jitter=self._jitter()
+        )
 
     async def _pause(self, backoff_s: float | None) -> None:
         """Healthy (``None``): wait for a full batch or the flush interval. Backing off: wait

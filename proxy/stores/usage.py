@@ -1,19 +1,19 @@
 """API-key usage (``usage_count``, ``last_used_at``, ``last_used_ip``) aggregated in memory and
 written in one batched statement per flush interval, never per request (CONTRACT §5).
 
-A failed write is merged back into what accumulates next, so an outage delays counts rather
-than losing them; ``close`` writes the remainder (SIGTERM loses nothing that was recorded).
+A write that fails, or is cancelled, is merged back into what accumulates next, so an outage
+delays counts rather than losing them; ``close`` stops the flush job between rounds and writes the
+remainder (SIGTERM loses nothing that was recorded).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from proxy.background import cancel, every
+from proxy.background import Periodic
 from proxy.errors import TenantStoreUnavailable
 
 log = logging.getLogger("proxy.usage")
@@ -38,9 +38,8 @@ class UsageRecorder:
         interval_s: float,
     ) -> None:
         self._write = write
-        self._interval = interval_s
         self._pending: dict[str, KeyUsage] = {}
-        self._task: asyncio.Task[None] | None = None
+        self.job = Periodic("key-usage", interval_s, self.flush)
 
     def record(self, key_id: str, at: datetime, ip: str | None) -> None:
         usage = self._pending.get(key_id)
@@ -56,18 +55,31 @@ class UsageRecorder:
         try:
             await self._write(batch)
         except TenantStoreUnavailable:
-            for key_id, usage in batch.items():  # keep them for the next flush
-                if key_id in self._pending:
-                    usage.merge(self._pending[key_id])
-                self._pending[key_id] = usage
+            self._keep(batch)
             log.warning("key usage not written (%d keys pending)", len(self._pending))
+        except BaseException:
+            # Anything else (a bug, or the job cancelled mid-write): the batch is not lost
+            # either. A cancelled write either committed or rolled back as a whole; keeping the
+            # batch may count it twice in the rare first case, never drop it.
+            self._keep(batch)
+            raise
+
+    def _keep(self, batch: dict[str, KeyUsage]) -> None:
+        """Put a batch that was not written back in front of what accumulated since."""
+        for key_id, usage in batch.items():
+            if key_id in self._pending:
+                usage.merge(self._pending[key_id])
+            self._pending[key_id] = usage
+
+    @property
+    def pending_keys(self) -> int:
+        return len(self._pending)
 
     async def start(self) -> None:
-        self._task = every(self._interval, self.flush)
+        self.job.start()
 
     async def close(self) -> None:
-        await cancel(self._task)
-        await self.flush()
+        await self.job.stop()  # ends between two flushes, then flushes what remains
 
 
 class NoUsage:
