@@ -420,7 +420,9 @@ def _reloader(
         try:
             fresh = reload()
         except ConfigError as e:
-            log.error("reload refused, keeping the running configuration: %s", e)
+            log.error(
+                "reload refused, keeping the running configuration: %s", "; ".join(e.problems)
+            )
             return
         routing.reload(fresh, grace_s)
         log.warning("reloaded %d routes and %d upstreams", len(fresh.routes), len(fresh.upstreams))

@@ -1,9 +1,12 @@
 """Settings from the environment and the TOML file (CONTRACT §2), validated once at start-up.
 
-Every problem is a ``ConfigError`` whose message names the offending key, so the CLI can print
-one line and exit non-zero. Unknown keys are errors too: a typo such as ``read_timout_s`` must
-not silently fall back to a default (Envoy rejects unknown fields for the same reason).
-This is the only module that reads the environment.
+Every problem is a line that names the offending key; ``parse_settings`` reads the whole file
+and raises one ``ConfigError`` holding every problem it found (``nginx -t`` and ``caddy
+validate`` stop at the first; an operator fixing a file wants them all at once), so the CLI
+prints one line per problem and exits non-zero. A key with a problem is reported once, and a
+table that is not a table once, not again for every key read from it. Unknown keys are errors
+too: a typo such as ``read_timout_s`` must not silently fall back to a default (Envoy rejects
+unknown fields for the same reason). This is the only module that reads the environment.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import ipaddress
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -27,7 +31,12 @@ DEFAULT_CONFIG = "config/edge.toml"
 
 
 class ConfigError(Exception):
-    """A configuration problem; the message is one line that names the key."""
+    """Configuration problems: each of ``problems`` is one line that names the key (most
+    often there is one); ``str()`` is those lines."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems: tuple[str, ...] = problems
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,17 +174,52 @@ class Settings:
 
 
 class _Table:
-    """One TOML table being read: typed getters that name the full key in errors."""
+    """One TOML table being read: typed getters that name the full key in problems.
 
-    def __init__(self, data: Any, where: str) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where}: expected a table")
-        self._data: dict[str, Any] = data
+    A getter never raises: a bad value is recorded in ``problems`` (shared with the tables read
+    from this one) and the default stands in, so that reading goes on and finds the rest.
+    """
+
+    def __init__(self, data: Any, where: str, problems: list[str] | None = None) -> None:
+        self.problems: list[str] = [] if problems is None else problems
         self._where = where
         self._seen: set[str] = set()
+        self._bad: set[str] = set()  # keys with a problem recorded: one line per key
+        self._broken = not isinstance(data, dict)  # reported once; nothing more from it
+        self._data: dict[str, Any] = {} if self._broken else data
+        if self._broken:
+            self.problems.append(f"{where}: expected a table")
 
     def key(self, name: str) -> str:
         return f"{self._where}.{name}" if self._where else name
+
+    def problem(self, name: str, message: str) -> None:
+        """Record ``<key>: message``, unless this key or table already has a problem."""
+        self._seen.add(name)
+        if self._broken or name in self._bad:
+            return
+        self._bad.add(name)
+        self.problems.append(f"{self.key(name)}: {message}")
+
+    def checked(self, name: str, fallback: _T, convert: Callable[[], _T]) -> _T:
+        """``convert()``, or ``fallback`` with the ``ConfigError`` it raised recorded."""
+        try:
+            return convert()
+        except ConfigError as e:
+            self._seen.add(name)
+            if not (self._broken or name in self._bad):
+                self._bad.add(name)
+                self.problems.extend(e.problems)
+            return fallback
+
+    def section(self, name: str, read: Callable[[_Table], _T], fallback: _T) -> _T:
+        """``read`` the table ``name``; a ``ConfigError`` it raises is recorded, not fatal."""
+        table = self.table(name)
+        try:
+            return read(table)
+        except ConfigError as e:
+            table.problems.extend(e.problems)
+            return fallback
 
     def _get(self, name: str, default: _T, check: Callable[[Any], bool], what: str) -> Any:
         self._seen.add(name)
@@ -183,7 +227,8 @@ class _Table:
             return default
         value = self._data[name]
         if not check(value):
-            raise ConfigError(f"{self.key(name)}: expected {what}, got {value!r}")
+            self.problem(name, f"expected {what}, got {value!r}")
+            return default
         return value
 
     def text(self, name: str, default: str) -> str:
@@ -223,7 +268,7 @@ class _Table:
 
     def table(self, name: str) -> _Table:
         self._seen.add(name)
-        return _Table(self._data.get(name, {}), self.key(name))
+        return _Table(self._data.get(name, {}), self.key(name), self.problems)
 
     def names(self) -> list[str]:
         return list(self._data)
@@ -232,9 +277,9 @@ class _Table:
         self._seen.add(name)
 
     def finish(self) -> None:
-        unknown = sorted(set(self._data) - self._seen)
-        if unknown:
-            raise ConfigError(f"{self.key(unknown[0])}: unknown key")
+        """Record every key of the table that nothing read."""
+        for name in sorted(set(self._data) - self._seen):
+            self.problem(name, "unknown key")
 
 
 def parse_host_port(value: str, key: str) -> HostPort:
@@ -302,14 +347,17 @@ def _check_database_url(value: str, key: str) -> str:
 
 def _server(t: _Table) -> ServerSettings:
     d = ServerSettings()
-    trusted = tuple(
-        _parse_cidr(c, t.key("trusted_proxies"))
-        for c in t.str_list("trusted_proxies", tuple(str(n) for n in d.trusted_proxies))
+    cidrs = t.str_list("trusted_proxies", tuple(str(n) for n in d.trusted_proxies))
+    trusted = t.checked(
+        "trusted_proxies",
+        d.trusted_proxies,
+        lambda: tuple(_parse_cidr(c, t.key("trusted_proxies")) for c in cidrs),
     )
+    listen, admin = t.text("listen", str(d.listen)), t.text("admin_listen", str(d.admin_listen))
     s = ServerSettings(
-        listen=parse_host_port(t.text("listen", str(d.listen)), t.key("listen")),
-        admin_listen=parse_host_port(
-            t.text("admin_listen", str(d.admin_listen)), t.key("admin_listen")
+        listen=t.checked("listen", d.listen, lambda: parse_host_port(listen, t.key("listen"))),
+        admin_listen=t.checked(
+            "admin_listen", d.admin_listen, lambda: parse_host_port(admin, t.key("admin_listen"))
         ),
         trusted_proxies=trusted,
         max_body_bytes=t.positive_int("max_body_bytes", d.max_body_bytes),
@@ -326,9 +374,10 @@ def _server(t: _Table) -> ServerSettings:
     t.finish()
     if not s.allow_python_parser and not c_parser_in_use():
         # Checked here, before --workers forks, so the refusal is one line and exit 2.
-        raise ConfigError(
-            f"{t.key('allow_python_parser')}: aiohttp's C HTTP parser is not in use "
-            "(extension missing or AIOHTTP_NO_EXTENSIONS set); refusing to start"
+        t.problem(
+            "allow_python_parser",
+            "aiohttp's C HTTP parser is not in use "
+            "(extension missing or AIOHTTP_NO_EXTENSIONS set); refusing to start",
         )
     return s
 
@@ -337,9 +386,11 @@ def _tenancy(t: _Table, base: Path) -> TenancySettings:
     d = TenancySettings()
     # The same normal form as a Host (CONTRACT §3), or "Bücher.test" would never match the
     # "xn--bcher-kva.test" that normalize_host makes of every request's Host.
-    domains = tuple(
-        _host_name(dom, t.key("platform_domains"))
-        for dom in t.str_list("platform_domains", d.platform_domains)
+    names = t.str_list("platform_domains", d.platform_domains)
+    domains = t.checked(
+        "platform_domains",
+        d.platform_domains,
+        lambda: tuple(_host_name(dom, t.key("platform_domains")) for dom in names),
     )
     s = TenancySettings(
         platform_domains=domains,
@@ -355,7 +406,8 @@ def _tenancy(t: _Table, base: Path) -> TenancySettings:
 def _ratelimit(t: _Table) -> RatelimitSettings:
     mode = t.text("failure_mode", "open")
     if mode not in ("open", "closed"):
-        raise ConfigError(f'{t.key("failure_mode")}: expected "open" or "closed", got {mode!r}')
+        t.problem("failure_mode", f'expected "open" or "closed", got {mode!r}')
+        mode = "open"
     d = RatelimitSettings()
     anonymous = t._get(
         "anonymous_rpm",
@@ -388,9 +440,9 @@ def _audit(t: _Table, base: Path) -> AuditSettings:
     )
     if s.buffer_max_rows < s.batch_max_rows:
         # The buffer must hold at least one full batch, or every batch would spill unwritten.
-        raise ConfigError(
-            f"{t.key('buffer_max_rows')}: must be at least batch_max_rows "
-            f"({s.batch_max_rows}), got {s.buffer_max_rows}"
+        t.problem(
+            "buffer_max_rows",
+            f"must be at least batch_max_rows ({s.batch_max_rows}), got {s.buffer_max_rows}",
         )
     t.finish()
     return s
@@ -410,16 +462,16 @@ def _telemetry(t: _Table, env: Mapping[str, str]) -> TelemetrySettings:
     d = TelemetrySettings()
     exporter = env.get("OTEL_TRACES_EXPORTER", d.traces_exporter).strip().lower() or "none"
     if exporter not in ("none", "console", "otlp"):
-        raise ConfigError(f"OTEL_TRACES_EXPORTER: expected none, console or otlp, got {exporter!r}")
+        t.problems.append(f"OTEL_TRACES_EXPORTER: expected none, console or otlp, got {exporter!r}")
     sampler = env.get("OTEL_TRACES_SAMPLER", d.sampler).strip().lower() or d.sampler
     if sampler not in _SAMPLERS:
-        raise ConfigError(f"OTEL_TRACES_SAMPLER: expected one of {', '.join(_SAMPLERS)}")
+        t.problems.append(f"OTEL_TRACES_SAMPLER: expected one of {', '.join(_SAMPLERS)}")
     try:
         arg = float(env.get("OTEL_TRACES_SAMPLER_ARG", d.sampler_arg))
     except ValueError:
         arg = -1.0
     if not 0.0 <= arg <= 1.0:
-        raise ConfigError("OTEL_TRACES_SAMPLER_ARG: expected a ratio between 0 and 1")
+        t.problems.append("OTEL_TRACES_SAMPLER_ARG: expected a ratio between 0 and 1")
     s = TelemetrySettings(
         access_log=t.flag("access_log", d.access_log),
         traces_exporter=exporter,
@@ -434,11 +486,11 @@ def _telemetry(t: _Table, env: Mapping[str, str]) -> TelemetrySettings:
 def _upstream(name: str, t: _Table) -> UpstreamSettings:
     urls = t.str_list("urls", ())
     if not urls:
-        raise ConfigError(f"{t.key('urls')}: at least one URL is required")
+        t.problem("urls", "at least one URL is required")
     d = UpstreamSettings(name, ())
     s = UpstreamSettings(
         name=name,
-        urls=tuple(_check_http_url(u, t.key("urls")) for u in urls),
+        urls=t.checked("urls", (), lambda: tuple(_check_http_url(u, t.key("urls")) for u in urls)),
         connect_timeout_s=t.positive("connect_timeout_s", d.connect_timeout_s),
         read_timeout_s=t.positive("read_timeout_s", d.read_timeout_s),
         max_connections=t.positive_int("max_connections", d.max_connections),
@@ -453,21 +505,22 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 def _route(t: _Table, upstreams: Mapping[str, UpstreamSettings]) -> RouteSettings:
     prefix = t.text("prefix", "")
     if not prefix.startswith("/"):
-        raise ConfigError(f"{t.key('prefix')}: must start with '/', got {prefix!r}")
+        t.problem("prefix", f"must start with '/', got {prefix!r}")
     upstream = t.text("upstream", "")
     if upstream not in upstreams:
-        raise ConfigError(f"{t.key('upstream')}: unknown upstream {upstream!r}")
+        t.problem("upstream", f"unknown upstream {upstream!r}")
     test_upstream = t.text("test_upstream", "") or None
     if test_upstream is not None and test_upstream not in upstreams:
-        raise ConfigError(f"{t.key('test_upstream')}: unknown upstream {test_upstream!r}")
+        t.problem("test_upstream", f"unknown upstream {test_upstream!r}")
     auth = t.text("auth", "api_key")
     if auth not in ("api_key", "optional", "none"):
-        raise ConfigError(f"{t.key('auth')}: expected api_key, optional or none, got {auth!r}")
+        t.problem("auth", f"expected api_key, optional or none, got {auth!r}")
     scopes_table = t.table("scopes")
     scopes: dict[str, str] = {}
     for method in scopes_table.names():
         if method not in _METHODS:
-            raise ConfigError(f"{scopes_table.key(method)}: not an HTTP method")
+            scopes_table.problem(method, "not an HTTP method")
+            continue
         scopes[method] = scopes_table.text(method, "")
     scopes_table.finish()
     s = RouteSettings(
@@ -484,43 +537,57 @@ def _route(t: _Table, upstreams: Mapping[str, UpstreamSettings]) -> RouteSetting
 
 
 def parse_settings(data: Mapping[str, Any], env: Mapping[str, str], config_path: Path) -> Settings:
-    """Build ``Settings`` from parsed TOML ``data`` and ``env`` (which wins over the file)."""
+    """Build ``Settings`` from parsed TOML ``data`` and ``env`` (which wins over the file).
+
+    Raises one ``ConfigError`` with every problem found (see the module docstring)."""
     root = _Table(dict(data), "")
     # Relative paths in the file are relative to the working directory the proxy runs in,
     # like nginx's prefix: the file is usually config/edge.toml in the project checkout.
     base = Path()
-    server = _server(root.table("server"))
-    tenancy = _tenancy(root.table("tenancy"), base)
-    ratelimit = _ratelimit(root.table("ratelimit"))
-    audit = _audit(root.table("audit"), base)
+    server = root.section("server", _server, ServerSettings())
+    tenancy = root.section("tenancy", lambda t: _tenancy(t, base), TenancySettings())
+    ratelimit = root.section("ratelimit", _ratelimit, RatelimitSettings())
+    audit = root.section("audit", lambda t: _audit(t, base), AuditSettings())
 
-    telemetry = _telemetry(root.table("telemetry"), env)
+    telemetry = root.section("telemetry", lambda t: _telemetry(t, env), TelemetrySettings())
     up_root = root.table("upstreams")
-    upstreams = {name: _upstream(name, up_root.table(name)) for name in up_root.names()}
+    # An upstream with a problem keeps its name, so that its routes do not report it unknown.
+    upstreams = {
+        name: up_root.section(name, partial(_upstream, name), UpstreamSettings(name, ()))
+        for name in up_root.names()
+    }
     up_root.finish()
 
     root.mark_seen("routes")
     raw_routes = data.get("routes", [])
     if not isinstance(raw_routes, list):
-        raise ConfigError("routes: expected an array of tables ([[routes]])")
-    routes = tuple(_route(_Table(r, f"routes[{i}]"), upstreams) for i, r in enumerate(raw_routes))
+        root.problem("routes", "expected an array of tables ([[routes]])")
+        raw_routes = []
+    routes = tuple(
+        _route(_Table(r, f"routes[{i}]", root.problems), upstreams)
+        for i, r in enumerate(raw_routes)
+    )
     seen: set[str] = set()
     for i, r in enumerate(routes):
         if r.prefix in seen:
-            raise ConfigError(f"routes[{i}].prefix: duplicate prefix {r.prefix!r}")
+            root.problems.append(f"routes[{i}].prefix: duplicate prefix {r.prefix!r}")
         seen.add(r.prefix)
     root.finish()
 
     redis_mode = env.get("REDIS_MODE", "standalone")
     if redis_mode not in ("standalone", "cluster", "sentinel"):
-        raise ConfigError(
-            f"REDIS_MODE: expected standalone, cluster or sentinel, got {redis_mode!r}"
-        )
+        root.problem("REDIS_MODE", f"expected standalone, cluster or sentinel, got {redis_mode!r}")
     sentinel_service = env.get("REDIS_SENTINEL_SERVICE") or None
     if redis_mode == "sentinel" and not sentinel_service:
-        raise ConfigError("REDIS_SENTINEL_SERVICE: required when REDIS_MODE=sentinel")
+        root.problem("REDIS_SENTINEL_SERVICE", "required when REDIS_MODE=sentinel")
     database_url = env.get("DATABASE_URL") or None
+    if database_url is not None:
+        root.checked("DATABASE_URL", "", lambda: _check_database_url(database_url, "DATABASE_URL"))
     redis_url = env.get("REDIS_URL") or None
+    if redis_url is not None:
+        root.checked("REDIS_URL", "", lambda: _check_redis_url(redis_url, "REDIS_URL"))
+    if root.problems:
+        raise ConfigError(*root.problems)
     return Settings(
         server=server,
         tenancy=tenancy,
@@ -530,8 +597,8 @@ def parse_settings(data: Mapping[str, Any], env: Mapping[str, str], config_path:
         routes=routes,
         config_path=config_path,
         telemetry=telemetry,
-        database_url=database_url and _check_database_url(database_url, "DATABASE_URL"),
-        redis_url=redis_url and _check_redis_url(redis_url, "REDIS_URL"),
+        database_url=database_url,
+        redis_url=redis_url,
         redis_mode=redis_mode,  # type: ignore[arg-type]
         redis_sentinel_service=sentinel_service,
     )
@@ -552,4 +619,4 @@ def load_settings(env: Mapping[str, str], config: str | None = None) -> Settings
     try:
         return parse_settings(data, env, path)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(*(f"{path}: {p}" for p in e.problems)) from None

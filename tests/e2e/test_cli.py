@@ -43,7 +43,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: st
     [
         (
             lambda c: c.replace(
-                'upstream = "render-api"\nauth = "none"', 'upstream = "nope"\nauth = "none"'
+                'upstream = "render-api"\nauth = "none"', 'upstream = "nope"\nauth = "none"', 1
             ),
             ("routes[1].upstream", "nope"),
         ),

@@ -1,6 +1,7 @@
 """proxy.settings: the configuration of CONTRACT §2, validated up front.
 
-Every bad input is a ``ConfigError`` whose message names the key, so the CLI prints one line.
+Every bad input is a ``ConfigError`` whose message names the key, so the CLI prints one line;
+a file with several problems is one ``ConfigError`` holding all of them, one line each.
 """
 
 from __future__ import annotations
@@ -258,6 +259,58 @@ def test_bad_file_input_names_the_key(data: dict[str, Any], key: str) -> None:
     message = str(caught.value)
     assert message.startswith(f"{key}:"), message
     assert "\n" not in message
+
+
+def test_every_problem_of_the_file_is_reported_once() -> None:
+    data: dict[str, Any] = {
+        "server": {"listen": "0.0.0.0:http", "max_body_bytes": "big", "colour": "blue"},
+        "tenancy": {"platform_domains": ["bad..name"], "cache_ttl": 3},
+        "ratelimit": {"failure_mode": "sometimes"},
+        "audit": "none",
+        "upstreams": {
+            # a bad upstream keeps its name: the route naming it is not reported as well
+            "render-api": {"urls": ["127.0.0.1:9001"], "read_timout_s": 3},
+        },
+        "routes": [
+            {"prefix": "v1", "upstream": "nope"},
+            {"prefix": "/x", "upstream": "render-api", "scopes": {"FETCH": "x:y"}},
+            {"prefix": "/x", "upstream": "render-api"},
+        ],
+        "extra": 1,
+    }
+    env = {"REDIS_MODE": "clustered", "DATABASE_URL": "mysql://db/x"}
+    with pytest.raises(ConfigError) as caught:
+        _parse(data, env)
+    assert caught.value.problems == (
+        "server.listen: expected HOST:PORT, got '0.0.0.0:http'",
+        "server.max_body_bytes: expected a positive integer, got 'big'",
+        "server.colour: unknown key",
+        "tenancy.platform_domains: not a host name: 'bad..name'",
+        "tenancy.cache_ttl: unknown key",
+        'ratelimit.failure_mode: expected "open" or "closed", got \'sometimes\'',
+        "audit: expected a table",
+        "upstreams.render-api.urls: not an http(s) URL: '127.0.0.1:9001'",
+        "upstreams.render-api.read_timout_s: unknown key",
+        "routes[0].prefix: must start with '/', got 'v1'",
+        "routes[0].upstream: unknown upstream 'nope'",
+        "routes[1].scopes.FETCH: not an HTTP method",
+        "routes[2].prefix: duplicate prefix '/x'",
+        "extra: unknown key",
+        "REDIS_MODE: expected standalone, cluster or sentinel, got 'clustered'",
+        "DATABASE_URL: not a postgresql:// URL",
+    )
+    assert str(caught.value) == "\n".join(caught.value.problems)
+
+
+def test_every_problem_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "edge.toml"
+    path.write_text('[server]\nlisten = 1\nlisen = "x"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings({}, str(path))
+    assert caught.value.problems == (
+        f"{path}: server.listen: expected a string, got 1",
+        f"{path}: server.lisen: unknown key",
+    )
 
 
 @pytest.mark.parametrize(
