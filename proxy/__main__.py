@@ -1,4 +1,5 @@
-"""The command line of CONTRACT §1: serve, migrate, partitions ensure, keys create|revoke.
+"""The command line of CONTRACT §1 and §10: serve, check, migrate, partitions ensure,
+keys create|revoke.
 
 Every failure the operator can cause (bad arguments, bad configuration, unreachable database)
 is one line on stderr and a non-zero exit, never a traceback.
@@ -46,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", help="HOST:PORT of the public listener")
     serve.add_argument("--admin-listen", help="HOST:PORT of the admin listener")
     serve.add_argument("--workers", type=int, default=1, help="processes sharing the port")
+    check = sub.add_parser(
+        "check", help="validate the configuration as serve would, and the stores it names"
+    )
+    check.add_argument("--config", help="TOML file (default: $EDGE_CONFIG or config/edge.toml)")
     sub.add_parser("migrate", help="apply sql/ to DATABASE_URL")
     partitions = sub.add_parser("partitions", help="monthly partitions of the audit log")
     partitions_sub = partitions.add_subparsers(
@@ -99,6 +104,16 @@ def _check_bindable(settings: Settings) -> None:
                 raise ConfigError(f"{key}: cannot listen on {hp}: {e.strerror or e}") from None
 
 
+def _validated(config: str | None) -> Settings:
+    """The configuration as ``serve`` takes it, and ``check`` checks it: the file and the
+    environment, then the stores' own configuration (the embedded tenants file...)."""
+    from proxy.app import build_stores
+
+    settings = load_settings(os.environ, config)
+    build_stores(settings)
+    return settings
+
+
 def _serve(args: argparse.Namespace) -> int:
     from proxy.app import build_stores, serve
     from proxy.supervisor import run_workers
@@ -110,8 +125,7 @@ def _serve(args: argparse.Namespace) -> int:
     def load() -> Settings:
         return _with_overrides(load_settings(os.environ, args.config), args)
 
-    settings = load()
-    build_stores(settings)  # validates the stores' configuration (embedded file...) up front
+    settings = _with_overrides(_validated(args.config), args)
     _check_bindable(settings)
 
     def worker(workers: WorkerSet | None = None) -> int:
@@ -139,6 +153,16 @@ def _serve(args: argparse.Namespace) -> int:
         )
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from proxy.check import store_problems
+
+    problems = asyncio.run(store_problems(_validated(args.config)))
+    if problems:
+        raise ConfigError(*problems)
+    print("ok")
+    return 0
 
 
 def _migrate(_args: argparse.Namespace) -> int:
@@ -286,13 +310,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "check":
+            return _check(args)
         if args.command == "keys":
             return _keys(args)
         if args.command == "partitions":
             return _partitions(args)
         return _migrate(args)
     except ConfigError as e:
-        print(f"flatrender-edge: error: {e}", file=sys.stderr)
+        for problem in e.problems:
+            print(f"flatrender-edge: error: {problem}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -45,6 +45,7 @@ __all__ = [
     "close_connection",
     "describe_dsn",
     "discover_migrations",
+    "migration_problems",
     "open_connection",
 ]
 
@@ -221,14 +222,52 @@ async def _close(conn: asyncpg.Connection) -> None:
 
 
 def _check_unchanged(migrations: list[Migration], recorded: dict[str, str]) -> None:
-    for migration in migrations:
-        before = recorded.get(migration.name)
-        if before is not None and before != migration.checksum:
-            raise MigrationError(
-                f"migration {migration.name} changed after it was applied "
-                f"(sha256 {before[:12]}... recorded, {migration.checksum[:12]}... on disk); "
-                "add a new migration instead of editing an applied one"
-            )
+    edited = _edited(migrations, recorded)
+    if edited:
+        raise MigrationError(edited[0])
+
+
+def _edited(migrations: list[Migration], recorded: dict[str, str]) -> list[str]:
+    return [
+        f"migration {m.name} changed after it was applied "
+        f"(sha256 {recorded[m.name][:12]}... recorded, {m.checksum[:12]}... on disk); "
+        "add a new migration instead of editing an applied one"
+        for m in migrations
+        if recorded.get(m.name, m.checksum) != m.checksum
+    ]
+
+
+async def migration_problems(
+    dsn: str,
+    sql_dir: Path | None = None,
+    *,
+    timeout: float = 10.0,  # noqa: ASYNC109 - bounds connecting only, as in apply_migrations
+) -> list[str]:
+    """What ``migrate`` would find wrong or still to do, changing nothing: one line for each
+    migration not applied and for each applied one edited since (``python -m proxy check``).
+    An unreachable database is a ``MigrationError``."""
+    migrations = discover_migrations(DEFAULT_SQL_DIR if sql_dir is None else sql_dir)
+    where = describe_dsn(dsn)
+    password = _password(dsn)
+    conn = await _connect(dsn, where, password, timeout)
+    try:
+        table = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", MIGRATIONS_TABLE)
+        rows = await conn.fetch(_SELECT_APPLIED) if table else []
+    except asyncpg.PostgresError as exc:
+        message = f"cannot read the migrations of {where}: {_pg_reason(exc, None)}"
+        raise MigrationError(_scrub(message, password)) from exc
+    except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
+        message = f"database connection to {where} lost: {_reason(exc)}"
+        raise MigrationError(_scrub(message, password)) from exc
+    finally:
+        await _close(conn)
+    recorded = {r["name"]: r["checksum"] for r in rows}
+    pending = [
+        f"migration {m.name} is not applied to {where}: run `python -m proxy migrate`"
+        for m in migrations
+        if m.name not in recorded
+    ]
+    return _edited(migrations, recorded) + pending
 
 
 def _pg_reason(exc: asyncpg.PostgresError, sql: str | None) -> str:
