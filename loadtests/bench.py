@@ -5,11 +5,15 @@ and everything else (wrk, the open-loop generator, the upstream, Postgres, Redis
 then alternates, round after round, between:
 
   (a) upstream   the fast upstream directly;
+  (f) floor      aiohttp's floor: loadtests/floor_forwarder.py, the barest aiohttp + uvloop
+                 forwarder (one handler, one ClientSession, bodies read whole, no log), pinned
+                 to the proxy's core;
   (b) plain      the proxy on a route with every feature off (auth "none", no audit);
   (c) full       the full pipeline: custom domain, API key, Redis rate limit, Postgres audit.
 
-and prints req/s and p50/p99 per scenario (wrk, closed loop: median over rounds), the ratios
-c/b and c/a, Redis commands per request (INFO commandstats) and audit rows per request in (c).
+and prints the ratios to the floor first (plain/floor b/f, full/floor c/f), then full/plain c/b
+and c/a; then req/s and p50/p99 per scenario (wrk, closed loop: median over rounds), Redis
+commands per request (INFO commandstats) and audit rows per request in (c).
 
 Then latency under load: (b) and (c), interleaved, at 70% (the budget's point) and 35% of
 (b)'s measured saturation throughput, driven by loadtests/openloop.py (open loop: a fixed
@@ -400,6 +404,18 @@ def main() -> None:
         upstream = pinned(LOAD_CORE, py, "loadtests/fast_upstream.py", "--port", str(up_port))
         procs.append(upstream)
         wait_port(up_port, upstream)
+        floor_port = free_port()
+        floor = pinned(
+            PROXY_CORE,
+            py,
+            "loadtests/floor_forwarder.py",
+            "--port",
+            str(floor_port),
+            "--upstream",
+            f"http://127.0.0.1:{up_port}",
+        )
+        procs.append(floor)
+        wait_port(floor_port, floor)
         config = tmp / "edge.toml"
         config.write_text(
             f'[server]\nmax_body_bytes = 1048576\n[tenancy]\nplatform_domains = ["bench.test"]\n'
@@ -422,9 +438,13 @@ def main() -> None:
             procs.append(multi)
             ports = {" 1w": port, f" {args.workers}w": multi_port}
             pids = {" 1w": proxy.pid, f" {args.workers}w": multi.pid}
-        owner: dict[str, int] = {}  # scenario -> pid of the proxy serving it
+        owner: dict[str, int] = {}  # scenario -> pid of the process serving it (proxy or floor)
         full = [f"Host: {HOST}", f"X-API-Key: {KEY}"]
-        scenarios = {"a upstream": (f"http://127.0.0.1:{up_port}/plain/x", [])}
+        scenarios = {
+            "a upstream": (f"http://127.0.0.1:{up_port}/plain/x", []),
+            "f floor": (f"http://127.0.0.1:{floor_port}/plain/x", [f"Host: {HOST}"]),
+        }
+        owner["f floor"] = floor.pid
         for suffix, p in ports.items():
             scenarios[f"b plain{suffix}"] = (f"http://127.0.0.1:{p}/plain/x", [f"Host: {HOST}"])
             scenarios[f"c full{suffix}"] = (f"http://127.0.0.1:{p}/v1/renders/x", full)
@@ -518,6 +538,9 @@ def report(
         print(f"  scaling {n}/1w: full (c) = {med[f'c full {n}'] / med['c full 1w']:.2f}x")
     for suffix in (" 1w", f" {args.workers}w") if multi else ("",):
         b, c = med[f"b plain{suffix}"], med[f"c full{suffix}"]
+        if not multi or suffix == " 1w":  # the floor is one pinned process
+            print(f"  plain/floor (b/f){suffix} = {b / med['f floor']:.2f}")
+            print(f"  full/floor (c/f){suffix} = {c / med['f floor']:.2f}")
         print(f"  full/plain (c/b){suffix} = {c / b:.2f}")
         print(f"  full/upstream (c/a){suffix} = {c / med['a upstream']:.2f}")
         print(f"  plain/upstream (b/a){suffix} = {b / med['a upstream']:.2f}")
