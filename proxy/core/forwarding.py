@@ -13,10 +13,11 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import os
 import re
-import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Header = tuple[str, str]
@@ -56,11 +57,25 @@ _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}
 
 def connection_named(headers: Iterable[Header]) -> frozenset[str]:
     """The header names listed in every ``Connection`` header, lower-cased."""
-    named: set[str] = set()
+    named: frozenset[str] = frozenset()
     for name, value in headers:
         if name.lower() == "connection":
-            named.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return frozenset(named)
+            named = named | _connection_tokens(value)
+    return named
+
+
+# A decision per header name: (its lower-case form, dropped whatever the request). Names recur
+# from request to request, so each is decided once; bounded, since clients choose the names.
+Decision = tuple[str, bool]
+_MEMO_MAX = 4096
+
+
+def _decided(name: str, memo: dict[str, Decision], always: Callable[[str], bool]) -> Decision:
+    low = name.lower()
+    known = (low, always(low))
+    if len(memo) < _MEMO_MAX:
+        memo[name] = known
+    return known
 
 
 def _forwardable(value: str) -> bool:
@@ -79,22 +94,50 @@ def _forwardable(value: str) -> bool:
     return True
 
 
-def _filter(headers: Sequence[Header], drop: frozenset[str]) -> list[Header]:
-    extra = connection_named(headers)
+def _filter(
+    headers: Sequence[Header], memo: dict[str, Decision], always: Callable[[str], bool]
+) -> list[Header]:
     kept: list[Header] = []
-    for name, value in headers:
-        low = name.lower()
-        if low in drop or low in extra or low.startswith("proxy-") or low.startswith(SPOOF_PREFIX):
-            continue
-        if not _forwardable(value):
-            continue
-        kept.append((name, value))
+    named: frozenset[str] = frozenset()  # what Connection headers list goes too
+    for header in headers:
+        name = header[0]
+        low, dropped = memo.get(name) or _decided(name, memo, always)
+        if dropped:
+            if low == "connection":
+                named = named | _connection_tokens(header[1])
+        elif _forwardable(header[1]):
+            kept.append(header)
+    if named - HOP_BY_HOP:  # "keep-alive" or "close" alone name nothing that was kept
+        kept = [h for h in kept if h[0].lower() not in named]
     return kept
+
+
+@functools.lru_cache(maxsize=256)
+def _connection_tokens(value: str) -> frozenset[str]:
+    return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
+
+
+def _request_drops(low: str) -> bool:
+    return low in _REQUEST_DROP or low.startswith("proxy-") or low.startswith(SPOOF_PREFIX)
+
+
+def _response_drops(low: str) -> bool:
+    return (
+        low in _RESPONSE_DROP
+        or low.startswith("proxy-")
+        or low.startswith(SPOOF_PREFIX)
+        or low.startswith("access-control-")
+        or not _TOKEN.fullmatch(low)
+    )
+
+
+_REQUEST_MEMO: dict[str, Decision] = {}
+_RESPONSE_MEMO: dict[str, Decision] = {}
 
 
 def request_headers_to_forward(headers: Sequence[Header]) -> list[Header]:
     """Inbound headers minus hop-by-hop, spoofable and proxy-owned ones."""
-    return _filter(headers, _REQUEST_DROP)
+    return _filter(headers, _REQUEST_MEMO, _request_drops)
 
 
 def response_headers_to_return(headers: Sequence[Header]) -> list[Header]:
@@ -107,13 +150,7 @@ def response_headers_to_return(headers: Sequence[Header]) -> list[Header]:
     (a space before the colon) as a name of its own, which none of the rules above recognise;
     re-sent beside the proxy's own framing, a lenient next hop would read two.
     """
-    return [
-        h for h in _filter(headers, _RESPONSE_DROP) if not _is_cors(h[0]) and _TOKEN.fullmatch(h[0])
-    ]
-
-
-def _is_cors(name: str) -> bool:
-    return name[:15].lower() == "access-control-"
+    return _filter(headers, _RESPONSE_MEMO, _response_drops)
 
 
 def is_trusted(
@@ -135,6 +172,16 @@ def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None
     return ip
 
 
+@functools.lru_cache(maxsize=4096)
+def _peer(peer: str) -> tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address | None]:
+    """The peer's address in one spelling, parsed once per peer: a client's connections and
+    requests repeat it, and ``ipaddress`` is slow."""
+    ip = _parse_ip(peer)
+    # One spelling per client whichever branch decides: a dual-stack listener reports
+    # "::ffff:192.0.2.7", which audit rows, per-IP limits and allowed_ips see as 192.0.2.7.
+    return (peer if ip is None else str(ip)), ip
+
+
 def client_address(
     peer: str, forwarded_for: str | None, trusted: Sequence[IPNetwork]
 ) -> tuple[str, str]:
@@ -145,14 +192,10 @@ def client_address(
     can be believed) and the last believed hop is the client. The upstream gets the received
     list with the peer appended. From any other peer the received list is discarded.
     """
-    peer_ip = _parse_ip(peer)
-    if peer_ip is not None:
-        # One spelling per client whichever branch decides: a dual-stack listener reports
-        # "::ffff:192.0.2.7", which audit rows, per-IP limits and allowed_ips see as 192.0.2.7.
-        peer = str(peer_ip)
+    peer, peer_ip = _peer(peer)
     if peer_ip is None or not forwarded_for or not is_trusted(peer_ip, trusted):
         return peer, peer
-    client = str(peer_ip)
+    client = peer
     for entry in reversed(forwarded_for.split(",")):
         ip = _parse_ip(entry)
         if ip is None:
@@ -163,8 +206,23 @@ def client_address(
     return client, f"{forwarded_for}, {peer}"
 
 
+def _fresh_ids() -> Iterator[str]:
+    """Version-4 UUIDs (RFC 9562 §5.4) from ``os.urandom`` read 256 at a time: a quarter of
+    ``str(uuid.uuid4())``'s cost, which reads the random source once per id."""
+    while True:
+        raw = os.urandom(16 * 256).hex()
+        for i in range(0, len(raw), 32):
+            h = raw[i : i + 32]
+            # version nibble 4; variant bits 10 (the nibble one of 8, 9, a, b)
+            yield f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+
+
+_VARIANT = "89ab"
+new_request_id = _fresh_ids().__next__
+
+
 def request_id(received: str | None) -> str:
     """The client's ``X-Request-Id`` if it is a UUID (canonical lower-case), else a new one."""
     if received is not None and len(received) == 36 and _UUID.fullmatch(received):
         return received.lower()
-    return str(uuid.uuid4())
+    return new_request_id()

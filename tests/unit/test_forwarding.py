@@ -432,3 +432,41 @@ def test_request_id_is_always_a_canonical_uuid(received: str) -> None:
 @given(st.uuids())
 def test_request_id_echoes_any_uuid(value: uuid.UUID) -> None:
     assert request_id(str(value).upper()) == str(value)
+
+
+def test_fresh_request_ids_are_random_version_4_uuids_across_batches() -> None:
+    # More than one batch of the random source (256 ids each): every id a canonical v4 UUID
+    # with the RFC 9562 variant, none repeated, every hex digit position varying where random.
+    ids = [request_id(None) for _ in range(1000)]
+    assert len(set(ids)) == len(ids)
+    for rid in ids:
+        parsed = uuid.UUID(rid)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, rid)
+    assert {rid[19] for rid in ids} == set("89ab")
+
+
+def test_a_name_listed_in_connection_is_dropped_only_where_it_is_listed() -> None:
+    # Decisions per name are remembered; the Connection list of one message is not.
+    listed = [("Connection", "X-Trace-Hop"), ("X-Trace-Hop", "1"), ("Accept", "*/*")]
+    assert request_headers_to_forward(listed) == [("Accept", "*/*")]
+    assert response_headers_to_return(listed) == [("Accept", "*/*")]
+    plain = [("X-Trace-Hop", "1"), ("Accept", "*/*")]
+    assert request_headers_to_forward(plain) == plain
+    assert response_headers_to_return(plain) == plain
+
+
+def test_many_distinct_names_are_all_decided() -> None:
+    # Clients choose header names: past the memo's bound, names are still decided, not cached.
+    for i in range(5000):
+        headers = [(f"X-Probe-{i}", "1"), (f"X-FlatRender-Probe-{i}", "x"), (f"Proxy-{i}", "x")]
+        assert request_headers_to_forward(headers) == [(f"X-Probe-{i}", "1")]
+
+
+def test_the_peer_is_remembered_but_a_forwarded_chain_still_counts() -> None:
+    trusted = [ipaddress.ip_network("10.0.0.0/8")]
+    assert client_address("::ffff:10.0.0.5", None, trusted) == ("10.0.0.5", "10.0.0.5")
+    assert client_address("::ffff:10.0.0.5", "198.51.100.7", trusted) == (
+        "198.51.100.7",
+        "198.51.100.7, 10.0.0.5",
+    )
+    assert client_address("::ffff:10.0.0.5", None, trusted) == ("10.0.0.5", "10.0.0.5")
