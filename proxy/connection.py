@@ -18,7 +18,9 @@ Why a protocol subclass, and why hooked in this way:
   nginx's ``client_header_timeout`` is the model: the clock starts at the accept for a new
   connection and at the first byte of each later request on a kept-alive one, stops when the
   head is complete, and on expiry the connection is closed (after a 408 JSON when part of a head
-  had arrived; a connection that never sent a byte is just closed).
+  had arrived; a connection that never sent a byte is just closed). The clock is a deadline
+  on the connection, checked by one sweep per listener every quarter of the timeout (at most
+  1 s), not a timer per request: a deadline is enforced at most that much late.
 - **A cap on open connections per process** (``server.max_connections``). Past it a new
   connection is closed as soon as it is accepted, so excess load is refused at once instead of
   queueing in the backlog or eating file descriptors until the process falls over (Envoy's
@@ -94,6 +96,8 @@ class ConnectionGate:
 
     __slots__ = (
         "_last_report",
+        "_sweep",
+        "connections",
         "header_timeout_s",
         "max_connections",
         "max_field_size",
@@ -124,6 +128,8 @@ class ConnectionGate:
         # head deadline without a byte) or "connection_limit" (closed at max_connections).
         self.refusals: dict[str, int] = {}
         self._last_report = -1e9
+        self.connections: set[EdgeRequestHandler] = set()  # admitted and open
+        self._sweep: asyncio.TimerHandle | None = None
 
     def refuse(self, reason: str) -> None:
         self.refusals[reason] = self.refusals.get(reason, 0) + 1
@@ -144,6 +150,28 @@ class ConnectionGate:
 
     def release(self) -> None:
         self.open -= 1
+
+    def watch(self, connection: EdgeRequestHandler) -> None:
+        """Include ``connection`` in the head-deadline sweep while it is open."""
+        self.connections.add(connection)
+        if self._sweep is None:
+            self._schedule()
+
+    def forget(self, connection: EdgeRequestHandler) -> None:
+        self.connections.discard(connection)
+
+    def _schedule(self) -> None:
+        interval = min(1.0, self.header_timeout_s / 4)
+        self._sweep = asyncio.get_running_loop().call_later(interval, self._expire)
+
+    def _expire(self) -> None:
+        """Close the connections whose head deadline has passed; runs while any is open."""
+        self._sweep = None
+        now = asyncio.get_running_loop().time()
+        for connection in [c for c in self.connections if c.head_deadline <= now]:
+            connection.head_expired()
+        if self.connections:
+            self._schedule()
 
 
 _QUOTED_TAIL = re.compile(r""":\s*(?:b?['"]|bytearray\().*$""")
@@ -191,7 +219,7 @@ def raw_error(error: ProxyError, rid: str | None = None) -> bytes:
 class EdgeRequestHandler(web.RequestHandler):
     """One client connection. See the module docstring for what it adds and why."""
 
-    __slots__ = ("_admitted", "_current", "_gate", "_head_bytes", "_head_timer", "_last_body")
+    __slots__ = ("_admitted", "_current", "_gate", "_head_bytes", "_last_body", "head_deadline")
 
     def __init__(self, manager: web.Server, gate: ConnectionGate, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -199,7 +227,7 @@ class EdgeRequestHandler(web.RequestHandler):
         self._admitted = False
         self._current: web.BaseRequest | None = None  # the request being handled
         self._head_bytes = False  # bytes of the next head have arrived
-        self._head_timer: asyncio.TimerHandle | None = None
+        self.head_deadline = _NONE  # loop time by which the awaited head must be complete
         self._last_body: StreamReader | None = None  # the body of the last request handled
 
     # ------------------------------------------------------------------ asyncio.Protocol
@@ -211,6 +239,7 @@ class EdgeRequestHandler(web.RequestHandler):
             return
         self._admitted = True
         super().connection_made(transport)
+        self._gate.watch(self)
         self._arm()  # a new connection must send its first head in time (nginx does too)
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -218,6 +247,7 @@ class EdgeRequestHandler(web.RequestHandler):
             return
         self._admitted = False
         self._gate.release()
+        self._gate.forget(self)
         self._disarm()
         super().connection_lost(exc)
 
@@ -330,17 +360,16 @@ class EdgeRequestHandler(web.RequestHandler):
     # ------------------------------------------------------------------ the head deadline
 
     def _arm(self) -> None:
-        if self._head_timer is None:
+        if self.head_deadline == _NONE:
             loop = asyncio.get_running_loop()
-            self._head_timer = loop.call_later(self._gate.header_timeout_s, self._head_expired)
+            self.head_deadline = loop.time() + self._gate.header_timeout_s
 
     def _disarm(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self.head_deadline = _NONE
 
-    def _head_expired(self) -> None:
-        self._head_timer = None
+    def head_expired(self) -> None:
+        """The gate's sweep found the head deadline passed."""
+        self.head_deadline = _NONE
         transport = self.transport
         if self._current is not None or transport is None:
             return
@@ -354,6 +383,9 @@ class EdgeRequestHandler(web.RequestHandler):
             "closed a connection: no complete request head in %ss", self._gate.header_timeout_s
         )
         self.force_close()
+
+
+_NONE = float("inf")  # no head awaited: never expires
 
 
 def _guard(handler: RequestHandlerFn) -> RequestHandlerFn:

@@ -173,3 +173,31 @@ def test_too_many_headers_text_is_aiohttps() -> None:
     assert str(_parse_error(b"GET / HTTP/1.1\r\n" + b"X: 1\r\n" * 6 + b"\r\n").message) == (
         connection.TOO_MANY_HEADERS
     )
+
+
+class _Waiting:
+    """A connection as the gate's sweep sees it: a head deadline, and what expiry does."""
+
+    def __init__(self, deadline: float) -> None:
+        self.head_deadline = deadline
+        self.expired = False
+
+    def head_expired(self) -> None:
+        self.expired = True
+
+
+async def test_the_head_deadline_sweep_expires_only_passed_deadlines() -> None:
+    gate = ConnectionGate(
+        header_timeout_s=2, max_connections=5, max_headers=1, max_line_size=1, max_field_size=1
+    )
+    now = asyncio.get_running_loop().time()
+    late, due, idle = _Waiting(now - 0.5), _Waiting(now + 60), _Waiting(float("inf"))
+    for c in (late, due, idle):
+        gate.watch(c)  # type: ignore[arg-type]
+    gate._expire()  # what the sweep's timer runs
+    assert (late.expired, due.expired, idle.expired) == (True, False, False)
+    assert gate._sweep is not None  # open connections: the sweep goes on
+    for c in (late, due, idle):
+        gate.forget(c)  # type: ignore[arg-type]
+    gate._expire()
+    assert gate._sweep is None  # none open: no timer at all
