@@ -127,6 +127,13 @@ RUN python -m compileall -q proxy \
 
 USER 10001:10001
 
+# The shipped configuration passes `check` as the runtime user (the same validation as serve's;
+# no DATABASE_URL or REDIS_URL here, so no store is asked): an image whose code and defaults
+# disagree fails to build. A deployment checks its own file and stores before starting the
+# proxy: `docker run --rm -e DATABASE_URL -e REDIS_URL -e EDGE_CONFIG ... IMAGE check` (exit 2
+# and one line per problem, CONTRACT §10); compose.yaml and k8s/edge.yaml run it first.
+RUN python -m proxy check
+
 # 8080: the public listener. 9901: the admin listener (/healthz, /readyz, /tls/allowed). The
 # admin port is bound on 0.0.0.0 below so that the orchestrator's probes and the load balancer
 # can reach it inside the pod or network, but it must NEVER be published publicly

@@ -187,10 +187,12 @@ def test_runtime_runs_as_a_numeric_non_root_user(runtime: Stage) -> None:
     # Numeric, so that Kubernetes' runAsNonRoot can verify it.
     assert users[-1].args == f"{RUNTIME_UID}:{RUNTIME_UID}"
     assert re.search(rf"useradd\b.*--uid {RUNTIME_UID}\b", _run_words(runtime))
-    # Nothing after the switch runs as root again, and the code stays root-owned.
+    # Nothing after the switch runs as root again, and the code stays root-owned; the one
+    # command run as the user is the configuration check, which writes nothing.
     last_user = max(i for i, inst in enumerate(runtime.instructions) if inst.keyword == "USER")
     after = runtime.instructions[last_user + 1 :]
-    assert not [i for i in after if i.keyword in ("RUN", "COPY", "ADD")]
+    assert not [i for i in after if i.keyword in ("COPY", "ADD")]
+    assert [i.args for i in after if i.keyword == "RUN"] == ["python -m proxy check"]
     assert all("--chown" not in i.args for i in runtime.all("COPY"))
 
 
@@ -206,6 +208,16 @@ def test_workdir_ports_entrypoint_and_command(runtime: Stage) -> None:
         "--admin-listen",
         "0.0.0.0:9901",
     ]
+
+
+def test_the_shipped_configuration_is_checked_as_the_runtime_user(runtime: Stage) -> None:
+    keywords = [i.keyword for i in runtime.instructions]
+    runs = [(n, i) for n, i in enumerate(runtime.instructions) if i.keyword == "RUN"]
+    (at,) = [n for n, i in runs if i.words() == ["python", "-m", "proxy", "check"]]
+    user = max(n for n, k in enumerate(keywords) if k == "USER")
+    copies = [n for n, k in enumerate(keywords) if k == "COPY"]
+    assert user < at and max(copies) < at
+    assert runtime.instructions[user].args == f"{RUNTIME_UID}:{RUNTIME_UID}"
 
 
 def test_healthcheck_asks_healthz_on_the_admin_port_with_urllib(runtime: Stage) -> None:
@@ -449,10 +461,18 @@ def _seconds(value: str) -> float:
 def test_compose_stack() -> None:
     compose = _yaml().safe_load(_compose_text())
     services = compose["services"]
-    assert set(services) == {"postgres", "redis", "migrate", "upstream", "edge", "front"}
+    assert set(services) == {
+        "postgres",
+        "redis",
+        "migrate",
+        "check",
+        "upstream",
+        "edge",
+        "front",
+    }
     assert services["postgres"]["image"].startswith("postgres:15")
     assert services["redis"]["image"].startswith("redis:7")
-    for name in ("migrate", "upstream", "edge"):
+    for name in ("migrate", "check", "upstream", "edge"):
         assert services[name]["build"] == {"context": "..", "dockerfile": "Dockerfile"}
         assert (DEPLOY / services[name]["build"]["context"] / "Dockerfile").is_file()
     edge = services["edge"]
@@ -461,11 +481,17 @@ def test_compose_stack() -> None:
     assert edge["environment"]["DATABASE_URL"].startswith("postgresql://")
     assert edge["environment"]["REDIS_URL"].startswith("redis://redis:6379")
     assert edge["depends_on"] == {
-        "migrate": {"condition": "service_completed_successfully"},
+        "check": {"condition": "service_completed_successfully"},
         "redis": {"condition": "service_healthy"},
         "upstream": {"condition": "service_healthy"},
     }
     assert services["migrate"]["command"] == ["migrate"]
+    # check runs on the edge's own file and stores, after migrate, before any replica.
+    check = services["check"]
+    assert check["command"] == ["check"]
+    assert check["environment"] == edge["environment"]
+    assert check["volumes"] == [v for v in edge["volumes"] if "edge.toml" in v]
+    assert check["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert services["front"]["depends_on"]["edge"]["condition"] == "service_healthy"
     # One published port, on the front; the admin port is published nowhere.
@@ -535,6 +561,20 @@ def test_kubernetes_deployment_service_and_config() -> None:
     assert [p["port"] for p in service_ports] == [8080]
     selector = objects["Service"]["spec"]["selector"]
     assert selector.items() <= deployment["template"]["metadata"]["labels"].items()
+
+
+def test_kubernetes_checks_before_the_proxy_starts() -> None:
+    pod = _k8s("edge.yaml")["Deployment"]["spec"]["template"]["spec"]
+    (check,) = pod["initContainers"]
+    (edge,) = pod["containers"]
+    assert check["args"] == ["check"] and check["image"] == edge["image"]
+    env = {e["name"]: e for e in check["env"]}
+    edge_env = {e["name"]: e for e in edge["env"]}
+    # The same file and database as the proxy; Redis is left out (fail-open serves without it).
+    assert env == {name: edge_env[name] for name in ("EDGE_CONFIG", "DATABASE_URL")}
+    config = next(m for m in edge["volumeMounts"] if m["name"] == "config")
+    assert check["volumeMounts"] == [config]
+    assert check["securityContext"] == edge["securityContext"]
 
 
 def test_kubernetes_migrate_job() -> None:
