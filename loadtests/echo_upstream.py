@@ -84,6 +84,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     last = path.rsplit("/", 1)[-1]
     if last == "stream":
         return await _stream(request)
+    if last == "status":  # an answer with the status asked for: /status?code=500
+        await request.read()
+        return web.json_response({"status": "as asked"}, status=int(request.query["code"]))
     if last == "slow":
         await asyncio.sleep(float(request.query.get("seconds", "5")))
         return await _echo(request)

@@ -2,9 +2,10 @@
 
 The order of stages follows DESIGN.md: entry (request id, errors) → target (Host, path) →
 challenge (custom-domain verification) → tenant → cors → status → route → audit → auth →
-rate limit → forward. CORS sits before the status check and routing so that their refusals
-carry CORS headers too; audit sits outside auth and rate limiting so that their refusals are
-recorded (CONTRACT §9). Everything is built here once.
+render quota → rate limit → forward. CORS sits before the status check and routing so that their
+refusals carry CORS headers too; audit sits outside auth and rate limiting so that their
+refusals are recorded (CONTRACT §9); the quota comes before the rate limit so that a quota
+refusal spends no token (§13). Everything is built here once.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from proxy.pipeline.auth import auth_stage
 from proxy.pipeline.cors import cors_stage
 from proxy.pipeline.entry import entry_stage, expect_handler, stamp_response
 from proxy.pipeline.forward import Forwarder
+from proxy.pipeline.quota import quota_stage
 from proxy.pipeline.ratelimit import LimitCounters, ratelimit_stage
 from proxy.pipeline.routing import challenge_stage, route_stage, target_stage
 from proxy.pipeline.tenant import status_stage, tenant_stage
@@ -50,6 +52,13 @@ from proxy.stores.base import (
 from proxy.stores.buckets import MemoryBucketStore
 from proxy.stores.identity import CachedIdentityStore
 from proxy.stores.memory import load_embedded
+from proxy.stores.quota import (
+    QUOTA_SCRIPT,
+    MemoryQuotaStore,
+    RebuildSource,
+    RedisQuotaStore,
+    no_history,
+)
 from proxy.stores.redis import RedisBucketStore, make_client
 from proxy.stores.usage import NoUsage, UsageRecorder
 from proxy.telemetry import Telemetry, counter, gauge
@@ -82,6 +91,7 @@ def store_metrics(stores: Stores) -> Callable[[], Iterable[Metric]]:
             )
             yield gauge("edge_redis_healthy", "1 while the limiter reaches Redis", b.healthy)
         yield counter("edge_limiter_decisions", "Rate-limit decisions", ["decision"], decisions)
+        yield from quota_metrics(stores.quotas)
         if stores.identity is not None:
             caches = {
                 "tenants": stores.identity.tenants,
@@ -135,6 +145,31 @@ def store_metrics(stores: Stores) -> Callable[[], Iterable[Metric]]:
     return read
 
 
+def quota_metrics(quotas: MemoryQuotaStore | RedisQuotaStore) -> Iterator[Metric]:
+    c = quotas.counters
+    yield counter(
+        "edge_quota_decisions",
+        "Render-quota decisions on metered POSTs",
+        ["decision"],
+        [
+            (["admitted"], c.admitted),
+            (["refused"], c.refused),
+            (["degraded_admitted"], c.degraded_admitted),
+            (["degraded_refused"], c.degraded_refused),
+            (["unavailable"], c.unavailable),
+        ],
+    )
+    yield counter(
+        "edge_quota_settlements",
+        "Render-quota units kept (a render started) or given back",
+        ["outcome"],
+        [(["kept"], c.kept), (["given_back"], c.given_back)],
+    )
+    yield counter(
+        "edge_quota_rebuilds", "Month counts rebuilt from renders_started", [], [([], c.rebuilds)]
+    )
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -149,9 +184,11 @@ class Stores:
     usage: UsageSink
     identity: CachedIdentityStore | None = None  # the Postgres-backed store, when configured
     limits: LimitCounters = field(default_factory=LimitCounters)
+    quotas: MemoryQuotaStore | RedisQuotaStore = field(default_factory=MemoryQuotaStore)
 
     async def start(self) -> None:
         await self.buckets.start()
+        await self.quotas.start()
         if self.identity is not None:
             await self.identity.start()
         if self.audit is not None:
@@ -165,6 +202,7 @@ class Stores:
             await self.audit.close()
         if self.identity is not None:
             await self.identity.close()
+        await self.quotas.close()
         await self.buckets.close()
 
     def jobs(self) -> list[Job]:
@@ -174,7 +212,7 @@ class Stores:
 
     async def ready(self) -> bool:
         identity = await self.identity.ready() if self.identity is not None else True
-        return identity and await self.buckets.ready()
+        return identity and await self.buckets.ready() and await self.quotas.ready()
 
 
 def build_buckets(settings: Settings) -> BucketStore:
@@ -195,6 +233,29 @@ def build_buckets(settings: Settings) -> BucketStore:
     )
 
 
+def build_quotas(settings: Settings, rebuild: RebuildSource) -> MemoryQuotaStore | RedisQuotaStore:
+    """Monthly render quotas: in Redis when ``REDIS_URL`` is set, else in process."""
+    r = settings.ratelimit
+    if settings.redis_url is None:
+        return MemoryQuotaStore(rebuild)
+    deadline = r.timeout_ms / 1000
+    client = make_client(
+        settings.redis_url,
+        settings.redis_mode,
+        settings.redis_sentinel_service,
+        deadline,
+        QUOTA_SCRIPT,
+    )
+    return RedisQuotaStore(
+        client,
+        rebuild=rebuild,
+        deadline_s=deadline,
+        failure_mode=r.failure_mode,
+        expected_instances=r.expected_instances,
+        lease_s=r.quota_lease_s,
+    )
+
+
 def build_stores(settings: Settings) -> Stores:
     # Stores that have not been built yet are refused rather than quietly replaced: never
     # pretend that per-process buckets are the shared limit an operator configured, and never
@@ -203,7 +264,8 @@ def build_stores(settings: Settings) -> Stores:
     if settings.database_url is None:
         tenants, keys = load_embedded(settings.tenancy.embedded_file)
         audit = JsonlAuditSink(settings.audit.jsonl_path, settings.audit.flush_interval_ms)
-        return Stores(tenants, keys, tenants, buckets, audit, NoUsage())
+        quotas = build_quotas(settings, no_history)
+        return Stores(tenants, keys, tenants, buckets, audit, NoUsage(), quotas=quotas)
     t = settings.tenancy
     identity = CachedIdentityStore(
         settings.database_url,
@@ -213,7 +275,8 @@ def build_stores(settings: Settings) -> Stores:
     )
     usage = UsageRecorder(identity.db.write_usage, settings.audit.flush_interval_ms / 1000)
     audit_db = PostgresAuditSink(settings.database_url, settings.audit)
-    return Stores(identity, identity, identity, buckets, audit_db, usage, identity)
+    quotas = build_quotas(settings, identity.db.renders_in_month)
+    return Stores(identity, identity, identity, buckets, audit_db, usage, identity, quotas=quotas)
 
 
 def build_app(
@@ -238,6 +301,7 @@ def build_app(
         stages.append(audit_stage(stores.audit, clock))
     stages += [
         auth_stage(stores.keys, stores.tenants, stores.usage, clock, telemetry),
+        quota_stage(stores.quotas, clock, telemetry),
         ratelimit_stage(stores.buckets, settings.ratelimit, stores.limits, telemetry),
     ]
     app = web.Application(middlewares=stages)

@@ -30,6 +30,8 @@ class RequestContext:
     error_code: str | None = None
     limit_decision: str | None = None  # "allowed" | "rejected" | "shadow"
     upstream_s: float = 0.0  # time spent with the upstream (access log)
+    upstream_status: int | None = None  # the upstream's answer began, with this status
+    render_started: bool = False  # a metered POST the upstream answered 2xx (CONTRACT §13)
     continue_sent: bool = False  # "100 Continue" went out (Expect: 100-continue)
     body_refused: bool = False  # the connection refused the body's framing (a 400, not a 499)
     span: Any = None  # the server span when tracing is on

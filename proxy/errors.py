@@ -96,6 +96,11 @@ class RateLimited(ProxyError):
     status, code, message = 429, "rate_limited", "rate limit exceeded"
 
 
+class RenderQuotaExceeded(ProxyError):
+    status, code = 429, "render_quota_exceeded"
+    message = "the monthly render quota is used up"
+
+
 class RateLimiterUnavailable(ProxyError):
     status, code, message = 503, "rate_limiter_unavailable", "rate limiter unavailable"
 

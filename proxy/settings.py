@@ -100,6 +100,9 @@ class RatelimitSettings:
     expected_instances: int = 1
     # Per-IP bucket (per tenant) for requests without a key on "none"/"optional" routes; 0: off.
     anonymous_rpm: int = 0
+    # How long a render-quota reservation outlives a process that died holding it. Longer than
+    # any request's upload plus the upstream's answer, or a unit could be reserved twice.
+    quota_lease_s: int = 900
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +155,8 @@ class RouteSettings:
     embed: bool = False
     # Requests made with an fr_test_ key go here instead, when set (a staging render farm).
     test_upstream: str | None = None
+    # "renders": a 2xx POST here starts a render, counted against the monthly quota (§13).
+    meter: Literal["renders"] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,6 +426,7 @@ def _ratelimit(t: _Table) -> RatelimitSettings:
         timeout_ms=t.positive_int("timeout_ms", d.timeout_ms),
         expected_instances=t.positive_int("expected_instances", d.expected_instances),
         anonymous_rpm=anonymous,
+        quota_lease_s=t.positive_int("quota_lease_s", d.quota_lease_s),
     )
     t.finish()
     return s
@@ -523,14 +529,22 @@ def _route(t: _Table, upstreams: Mapping[str, UpstreamSettings]) -> RouteSetting
             continue
         scopes[method] = scopes_table.text(method, "")
     scopes_table.finish()
+    meter = t.text("meter", "") or None
+    if meter not in (None, "renders"):
+        raise ConfigError(f'{t.key("meter")}: expected "renders", got {meter!r}')
+    audit = t.flag("audit", False)
+    if meter is not None and not audit:
+        # renders_started is written with the audit batch, from the route's rows (§9, §13).
+        raise ConfigError(f"{t.key('meter')}: needs audit = true on the route")
     s = RouteSettings(
         prefix=prefix,
         upstream=upstream,
         auth=auth,  # type: ignore[arg-type]
         scopes=scopes,
-        audit=t.flag("audit", False),
+        audit=audit,
         embed=t.flag("embed", False),
         test_upstream=test_upstream,
+        meter=meter,  # type: ignore[arg-type]
     )
     t.finish()
     return s

@@ -10,11 +10,12 @@ The path of a row:
    (known months are remembered; ``partitions.py``).
 3. One transaction per batch: COPY into a temporary staging table, ``INSERT ... ON CONFLICT
    (request_id, created_at) DO NOTHING RETURNING`` into the log, and from exactly the returned
-   rows an upsert of ``api_calls`` / ``api_4xx`` / ``api_5xx`` per tenant and UTC day. A batch
-   written twice (a commit whose acknowledgement was lost, a spool file replayed again) inserts
-   nothing the second time and so meters nothing: exactly once. Key usage (``usage_count``,
-   ``last_used_*``) is not touched here: ``stores/usage.py`` already writes it for every keyed
-   request, audited or not, and counting it twice would be the very error this avoids.
+   rows an upsert of ``api_calls`` / ``api_4xx`` / ``api_5xx`` / ``renders_started`` per tenant
+   and UTC day. A batch written twice (a commit whose acknowledgement was lost, a spool file
+   replayed again) inserts nothing the second time and so meters nothing: exactly once. Key
+   usage (``usage_count``, ``last_used_*``) is not touched here: ``stores/usage.py`` already
+   writes it for every keyed request, audited or not, and counting it twice would be the very
+   error this avoids.
 4. Postgres unreachable: the batch stays in the buffer and is retried with exponential backoff
    and jitter. Past ``buffer_max_rows`` (also when Postgres answers, but slower than rows
    arrive) the oldest rows spill to ``spool_dir``, one fsync'd file per batch (``spool.py``);
@@ -77,6 +78,7 @@ COLUMNS = (
     "ip_address",
     "user_agent",
     "error_message",
+    "render_started",
 )
 
 # Once per connection, really (IF NOT EXISTS; emptied by every commit). Per transaction rather
@@ -93,11 +95,12 @@ CREATE TEMP TABLE IF NOT EXISTS {STAGING} (
     request_id uuid NOT NULL,
     ip_address inet,
     user_agent text,
-    error_message text
+    error_message text,
+    render_started boolean NOT NULL
 ) ON COMMIT DELETE ROWS
 """
 
-_COLS = ", ".join(COLUMNS)
+_COLS = ", ".join(COLUMNS[:-1])  # the log's columns; render_started is the staging table's
 # Metering from the RETURNING of the insert: only rows that were not already there count.
 # Rows go in sorted by the unique key and days are upserted sorted: two processes writing
 # overlapping batches take their locks in the same order and cannot deadlock. The EXISTS guard:
@@ -108,25 +111,30 @@ WITH inserted AS (
     INSERT INTO identity.tenant_api_request_logs ({_COLS})
     SELECT {_COLS} FROM pg_temp.{STAGING} ORDER BY request_id, created_at
     ON CONFLICT (request_id, created_at) DO NOTHING
-    RETURNING tenant_id, created_at, status_code
+    RETURNING tenant_id, created_at, status_code, request_id
 ), daily AS (
-    SELECT tenant_id, (created_at AT TIME ZONE 'UTC')::date AS usage_date,
+    SELECT i.tenant_id, (i.created_at AT TIME ZONE 'UTC')::date AS usage_date,
            count(*) AS calls,
-           count(*) FILTER (WHERE status_code BETWEEN 400 AND 499) AS calls_4xx,
-           count(*) FILTER (WHERE status_code BETWEEN 500 AND 599) AS calls_5xx
-      FROM inserted
+           count(*) FILTER (WHERE i.status_code BETWEEN 400 AND 499) AS calls_4xx,
+           count(*) FILTER (WHERE i.status_code BETWEEN 500 AND 599) AS calls_5xx,
+           count(*) FILTER (WHERE EXISTS (
+               SELECT 1 FROM pg_temp.{STAGING} s
+                WHERE s.request_id = i.request_id AND s.created_at = i.created_at
+                  AND s.render_started)) AS renders
+      FROM inserted i
      GROUP BY 1, 2
 ), metered AS (
     INSERT INTO identity.tenant_usage_daily AS u
-           (tenant_id, usage_date, api_calls, api_4xx, api_5xx)
-    SELECT d.tenant_id, d.usage_date, d.calls, d.calls_4xx, d.calls_5xx
+           (tenant_id, usage_date, api_calls, api_4xx, api_5xx, renders_started)
+    SELECT d.tenant_id, d.usage_date, d.calls, d.calls_4xx, d.calls_5xx, d.renders
       FROM daily d
      WHERE EXISTS (SELECT 1 FROM identity.tenants t WHERE t.id = d.tenant_id)
      ORDER BY d.tenant_id, d.usage_date
     ON CONFLICT (tenant_id, usage_date) DO UPDATE
        SET api_calls = u.api_calls + EXCLUDED.api_calls,
            api_4xx = u.api_4xx + EXCLUDED.api_4xx,
-           api_5xx = u.api_5xx + EXCLUDED.api_5xx
+           api_5xx = u.api_5xx + EXCLUDED.api_5xx,
+           renders_started = u.renders_started + EXCLUDED.renders_started
     RETURNING 1
 )
 SELECT count(*) FROM inserted
@@ -179,6 +187,7 @@ def _copy_row(r: AuditRecord) -> tuple[object, ...]:
         r.ip_address,
         _opt_text(r.user_agent),
         _opt_text(r.error_message),
+        r.render_started,
     )
 
 

@@ -25,6 +25,8 @@ class AuditRecord:
     ip_address: str | None
     user_agent: str | None
     error_message: str | None  # the contract error code for proxy-made errors
+    # A POST on a metered route that the upstream answered 2xx: one render started (§13).
+    render_started: bool = False
 
     def as_json_row(self) -> dict[str, object]:
         return {
@@ -39,6 +41,7 @@ class AuditRecord:
             "ip_address": self.ip_address,
             "user_agent": self.user_agent,
             "error_message": self.error_message,
+            "render_started": self.render_started,
         }
 
     @classmethod
@@ -60,6 +63,7 @@ class AuditRecord:
             ip_address=_opt_text(row["ip_address"]),
             user_agent=_opt_text(row["user_agent"]),
             error_message=_opt_text(row["error_message"]),
+            render_started=row.get("render_started", False) is True,  # absent in older files
         )
 
 

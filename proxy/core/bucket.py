@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 
 WINDOW_S = 60.0
+# The draft-ietf-httpapi-ratelimit-headers fields: lists of items, one per policy.
+ITEM_FIELDS = ("RateLimit-Policy", "RateLimit")
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ class Tenant:
     trial_ends_at: datetime | None = None
     branding: Branding | None = None
     features: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
+    monthly_render_qty: int | None = None  # renders per UTC month (CONTRACT §13); None: unlimited
     # Compiled once when the tenant is loaded, never per request.
     cors: CorsPolicy = field(init=False, compare=False, hash=False)
 

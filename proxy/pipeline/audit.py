@@ -54,6 +54,7 @@ def audit_stage(sink: AuditSink, clock: Callable[[], datetime]) -> Middleware:
                     ip_address=ctx.client_ip or None,
                     user_agent=request.headers.get("User-Agent"),
                     error_message=error,
+                    render_started=ctx.render_started,
                 )
             )
 

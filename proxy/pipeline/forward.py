@@ -186,6 +186,7 @@ class Forwarder:
                     else None
                 )
                 upstream = await self._send(request.method, pool, target, headers, body)
+                ctx.upstream_status = upstream.status
                 if span is not None:
                     span.set_attribute("http.response.status_code", upstream.status)
                 return await self._relay(request, upstream, pool)

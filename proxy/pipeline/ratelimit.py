@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from proxy.context import CTX
-from proxy.core.bucket import limit_headers, nothing_allowed
+from proxy.core.bucket import ITEM_FIELDS, limit_headers, nothing_allowed
 from proxy.errors import RateLimited
 from proxy.settings import RatelimitSettings
 from proxy.stores.base import BucketStore
@@ -59,8 +59,14 @@ def ratelimit_stage(
                 ctx.limit_decision = "rejected"
             if span is not None:
                 span.set_attribute("flatrender.limiter", ctx.limit_decision)
-        # On the context, so they reach error answers and upstream answers alike.
-        ctx.response_headers.update(limit_headers(decision, policy))
+        # On the context, so they reach error answers and upstream answers alike. The key's
+        # items come first in the two list fields; the quota stage's items follow (§13).
+        headers = limit_headers(decision, policy)
+        for name in ITEM_FIELDS:
+            later = ctx.response_headers.get(name)
+            if later is not None:
+                headers[name] = f"{headers[name]}, {later}"
+        ctx.response_headers.update(headers)
         if ctx.limit_decision == "rejected":
             raise RateLimited()
         return await handler(request)

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from proxy.audit.record import AuditRecord
 from proxy.core.apikeys import ApiKey
 from proxy.core.bucket import Decision
 from proxy.core.tenancy import Tenant
+
+if TYPE_CHECKING:
+    from proxy.stores.quota import QuotaDecision, Reservation
 
 
 class TenantStore(Protocol):
@@ -42,6 +45,25 @@ class BucketStore(Protocol):
 
     async def ready(self) -> bool:
         """False when decisions cannot be made as configured."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class QuotaStore(Protocol):
+    """Monthly render quota (CONTRACT §13): reserve at admission, settle on the answer."""
+
+    async def reserve(self, tenant_id: str, quota: int, now: datetime) -> QuotaDecision:
+        """A unit of ``quota`` for ``now``'s UTC month, if one is free."""
+
+    def settle(
+        self, tenant_id: str, month: str, reservation: Reservation | None, started: bool
+    ) -> None:
+        """Keep the unit (the upstream answered 2xx: a render started) or give it back; with
+        no reservation (an unlimited tenant), count a render started. Never waits."""
+
+    async def ready(self) -> bool: ...
 
     async def start(self) -> None: ...
 

@@ -106,6 +106,9 @@ def _tenant(row: dict[str, Any], where: str) -> Tenant:
     if status not in _STATUSES:
         raise ConfigError(f"{where}.status: expected one of {', '.join(_STATUSES)}")
     branding = _get(row, "branding", dict, where)
+    quota = _get(row, "monthly_render_qty", int, where)
+    if isinstance(quota, bool) or (quota is not None and quota < 0):
+        raise ConfigError(f"{where}.monthly_render_qty: expected a non-negative integer")
     return Tenant(
         id=row["id"],
         slug=row["slug"].lower(),
@@ -122,6 +125,7 @@ def _tenant(row: dict[str, Any], where: str) -> Tenant:
         if branding is not None
         else None,
         features=_get(row, "features", dict, where) or {},
+        monthly_render_qty=quota,
     )
 
 

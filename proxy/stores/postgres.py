@@ -14,7 +14,7 @@ import contextlib
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, TypeVar
 
 import asyncpg
@@ -46,7 +46,7 @@ _TENANT = """
 SELECT t.id::text AS id, t.slug::text AS slug, t.status::text AS status,
        t.custom_domain::text AS custom_domain, t.domain_verified, t.allowed_origins,
        t.trial_ends_at, b.tenant_id IS NOT NULL AS has_branding, b.embed_enabled,
-       b.embed_allowed_hosts, s.features::text AS features
+       b.embed_allowed_hosts, s.features::text AS features, t.monthly_render_qty
   FROM identity.tenants t
   LEFT JOIN identity.tenant_branding b ON b.tenant_id = t.id
   LEFT JOIN identity.tenant_settings s ON s.tenant_id = t.id
@@ -76,6 +76,14 @@ UPDATE identity.tenant_api_keys k
  WHERE k.id = u.id
 """
 
+# The month's renders started (CONTRACT §13): what a missing quota count is rebuilt from.
+RENDERS_IN_MONTH = """
+SELECT coalesce(sum(renders_started), 0)::bigint
+  FROM identity.tenant_usage_daily
+ WHERE tenant_id = $1::uuid AND usage_date >= $2::date
+   AND usage_date < ($2::date + interval '1 month')
+"""
+
 CHALLENGES_BY_DOMAIN = """
 SELECT challenge_token, expires_at
   FROM identity.tenant_domain_verifications
@@ -97,6 +105,7 @@ def _tenant(row: asyncpg.Record) -> Tenant:
         if row["has_branding"]
         else None,
         features=features if isinstance(features, dict) else {},
+        monthly_render_qty=row["monthly_render_qty"],
     )
 
 
@@ -221,6 +230,10 @@ class PostgresStore:
                 [usage[i].last_used_ip for i in ids],
             )
         )
+
+    async def renders_in_month(self, tenant_id: str, first_day: date) -> int:
+        n: int = await self._run(lambda c: c.fetchval(RENDERS_IN_MONTH, tenant_id, first_day))
+        return n
 
     async def ping(self) -> bool:
         try:

@@ -328,13 +328,15 @@ class PipelinedScriptClient:
         self,
         redis: PipelinedRedis,
         on_close: Callable[[], Awaitable[None]] | None = None,
+        script: str = BATCH_SCRIPT,
     ) -> None:
         self._redis = redis
         self._on_close = on_close  # Sentinel mode: close the connections to the sentinels
-        self.sha = hashlib.sha1(BATCH_SCRIPT.encode()).hexdigest()
+        self._script = script
+        self.sha = hashlib.sha1(script.encode()).hexdigest()
 
     async def start(self) -> None:
-        await self._redis.call("SCRIPT", "LOAD", BATCH_SCRIPT)
+        await self._redis.call("SCRIPT", "LOAD", self._script)
 
     def run(self, keys: list[str], args: list[int]) -> asyncio.Future[Any]:
         result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -346,7 +348,7 @@ class PipelinedScriptClient:
                 return
             if isinstance(error, RespError) and str(error).startswith("NOSCRIPT"):
                 nonlocal pending
-                pending = self._redis.call("EVAL", BATCH_SCRIPT, len(keys), *keys, *args)
+                pending = self._redis.call("EVAL", self._script, len(keys), *keys, *args)
                 pending.add_done_callback(answered)
             elif call.cancelled():
                 result.cancel()
@@ -380,13 +382,14 @@ class PipelinedScriptClient:
 class ClusterScriptClient:
     """Redis Cluster: redis-py's client, which keeps the slot map and follows MOVED/ASK."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, script: str = BATCH_SCRIPT) -> None:
         self._client = client
-        self._script = client.register_script(BATCH_SCRIPT)
+        self._text = script
+        self._script = client.register_script(script)
 
     async def start(self) -> None:
         await self._client.initialize()
-        await self._client.script_load(BATCH_SCRIPT)
+        await self._client.script_load(self._text)
 
     def run(self, keys: list[str], args: list[int]) -> asyncio.Future[Any]:
         call: asyncio.Future[Any] = asyncio.ensure_future(self._script(keys=keys, args=args))
@@ -403,11 +406,15 @@ class ClusterScriptClient:
 
 
 def make_client(
-    url: str, mode: str, sentinel_service: str | None, deadline_s: float
+    url: str,
+    mode: str,
+    sentinel_service: str | None,
+    deadline_s: float,
+    script: str = BATCH_SCRIPT,
 ) -> ScriptClient:
-    """The script client for the deployment's topology. redis-py's retries are off where it
-    is used: the store has its own deadline and circuit breaker, and retries would multiply
-    the wait."""
+    """The script client for the deployment's topology, running ``script`` (the limiter's by
+    default). redis-py's retries are off where it is used: the store has its own deadline and
+    circuit breaker, and retries would multiply the wait."""
     host, port, options = parse_url(url)
     if mode == "cluster":
         from redis.asyncio import RedisCluster
@@ -420,7 +427,8 @@ def make_client(
                 socket_connect_timeout=deadline_s,
                 socket_timeout=max(deadline_s, 1.0),
                 retry=Retry(NoBackoff(), 0),
-            )
+            ),
+            script,
         )
     if mode == "sentinel":
         from redis.asyncio.sentinel import Sentinel
@@ -445,6 +453,8 @@ def make_client(
         # With rediss://, the master's certificate is checked against the address the
         # sentinels report (usually an IP): it must name that address.
         return PipelinedScriptClient(
-            PipelinedRedis(master, connect_timeout_s=deadline_s, **options), close_sentinels
+            PipelinedRedis(master, connect_timeout_s=deadline_s, **options), close_sentinels, script
         )
-    return PipelinedScriptClient(PipelinedRedis.from_url(url, connect_timeout_s=deadline_s))
+    return PipelinedScriptClient(
+        PipelinedRedis.from_url(url, connect_timeout_s=deadline_s), script=script
+    )

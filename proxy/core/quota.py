@@ -1,0 +1,85 @@
+"""Monthly render quota (CONTRACT §13): calendar-month math in UTC, the admission rule, the
+``RateLimit`` items of draft-ietf-httpapi-ratelimit-headers, and the fail-open share.
+
+The quota period is the calendar month in UTC (not 30 days, not from the first request): it
+starts at 00:00:00 UTC on the 1st and ends when the next month starts. The Redis script in
+``stores.quota`` applies ``admits`` with the same figures.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+
+POLICY = "renders"
+
+
+def month_start(now: datetime) -> datetime:
+    """00:00:00 UTC on the 1st of ``now``'s UTC month."""
+    at = now.astimezone(UTC)
+    return datetime(at.year, at.month, 1, tzinfo=UTC)
+
+
+def next_month_start(now: datetime) -> datetime:
+    at = now.astimezone(UTC)
+    if at.month == 12:
+        return datetime(at.year + 1, 1, 1, tzinfo=UTC)
+    return datetime(at.year, at.month + 1, 1, tzinfo=UTC)
+
+
+def month_id(now: datetime) -> str:
+    """``YYYY-MM`` of the UTC month: names the month's counter."""
+    at = now.astimezone(UTC)
+    return f"{at.year:04d}-{at.month:02d}"
+
+
+def first_day(now: datetime) -> date:
+    return month_start(now).date()
+
+
+def seconds_until_next_month(now: datetime) -> int:
+    """Whole seconds until the next UTC month starts, rounded up and at least 1: a client that
+    waits that long (``Retry-After``, RFC 9110 §10.2.3) is in the new month."""
+    left = (next_month_start(now) - now).total_seconds()
+    return max(1, math.ceil(left))
+
+
+def seconds_in_month(now: datetime) -> int:
+    """The length of ``now``'s UTC month in seconds (the policy's window ``w``)."""
+    return int((next_month_start(now) - month_start(now)).total_seconds())
+
+
+def admits(quota: int, count: int, reserved: int) -> bool:
+    """Admission: the month's count plus the units reserved and not yet answered stays below
+    the quota after this one (0 admits none)."""
+    return count + reserved < quota
+
+
+def remaining(quota: int, count: int, reserved: int) -> int:
+    return max(0, quota - count - reserved)
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaItems:
+    """The ``"renders"`` members of ``RateLimit-Policy`` and ``RateLimit``."""
+
+    policy: str
+    limit: str
+
+
+def quota_items(quota: int, left: int, now: datetime) -> QuotaItems:
+    """``"renders";q=<quota>;w=<seconds in this month>`` and
+    ``"renders";r=<left>;t=<seconds until the month ends>`` (draft-ietf-httpapi-ratelimit-headers:
+    a quota policy item, and the service limit item that names it)."""
+    return QuotaItems(
+        policy=f'"{POLICY}";q={quota};w={seconds_in_month(now)}',
+        limit=f'"{POLICY}";r={left};t={seconds_until_next_month(now)}',
+    )
+
+
+def outage_share(last_remaining: int, expected_instances: int) -> int:
+    """Fail-open admissions one process may make while the shared counter is unreachable: its
+    share of the month's last known remainder, rounded down so that ``expected_instances``
+    processes together never exceed it."""
+    return max(0, last_remaining) // max(1, expected_instances)

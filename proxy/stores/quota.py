@@ -1,0 +1,390 @@
+"""Monthly render-quota stores (CONTRACT §13): reserve a unit at admission, then settle it once
+the answer is known (kept when the upstream answered 2xx, given back otherwise).
+
+- ``RedisQuotaStore`` (``REDIS_URL`` set) is exact across every process: one Lua script call
+  per decision, on two keys that share the tenant's hash tag (Redis Cluster spec), so that one
+  node decides atomically: the month's count, and the reservations in flight as a sorted set
+  scored by their expiry on Redis's clock. A process that dies holding reservations loses them
+  after ``ratelimit.quota_lease_s`` (they are swept at each decision), and the count expires
+  after its month. A missing count (a flushed or failed-over Redis) is rebuilt from the month's
+  ``renders_started`` in Postgres. Redis unreachable: ``failure_mode = "open"`` admits this
+  process's share of the last known remainder (``core.quota.outage_share``), and the units it
+  kept are added to the count when Redis answers again; ``"closed"`` answers 503.
+- ``MemoryQuotaStore`` (no ``REDIS_URL``) applies the same rule in process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+from proxy.background import cancel
+from proxy.core.quota import (
+    admits,
+    first_day,
+    month_id,
+    next_month_start,
+    outage_share,
+    remaining,
+)
+from proxy.errors import ProxyError, RateLimiterUnavailable
+from proxy.stores.redis import ScriptClient
+
+log = logging.getLogger("proxy.quota")
+
+# The month's renders_started of a tenant (Postgres), for a count that is missing.
+RebuildSource = Callable[[str, date], Awaitable[int]]
+
+RESERVE, COMMIT, RELEASE = 1, 2, 3
+NO_COUNT = -1  # the script's answer when the month's count is missing; also "no rebuilt value"
+
+# KEYS[1]: the month's count of renders started. KEYS[2]: the reservations in flight, a sorted
+# set (member: reservation id, score: its expiry in ms on Redis's clock).
+# ARGV: op, quota, reservation id (0: none), lease ms, count expiry (Unix s), rebuilt count
+# (-1: none), amount to add on commit.
+QUOTA_SCRIPT = """
+local op = tonumber(ARGV[1])
+if op ~= 1 then
+  if ARGV[3] ~= '0' then redis.call('ZREM', KEYS[2], ARGV[3]) end
+  -- A missing count is rebuilt from Postgres, which has (or will have) this unit.
+  if op == 2 and redis.call('EXISTS', KEYS[1]) == 1 then
+    redis.call('INCRBY', KEYS[1], tonumber(ARGV[7]))
+  end
+  return {1, 0, 0}
+end
+local count = redis.call('GET', KEYS[1])
+if not count then
+  local rebuilt = tonumber(ARGV[6])
+  if rebuilt < 0 then return {-1, 0, 0} end
+  count = rebuilt
+  redis.call('SET', KEYS[1], count)
+  redis.call('EXPIREAT', KEYS[1], tonumber(ARGV[5]))
+else
+  count = tonumber(count)
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local held = redis.call('ZCARD', KEYS[2])
+if count + held < tonumber(ARGV[2]) then
+  local lease = tonumber(ARGV[4])
+  redis.call('ZADD', KEYS[2], now + lease, ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], lease)
+  return {1, count, held + 1}
+end
+return {0, count, held}
+"""
+
+
+def quota_keys(tenant_id: str, month: str) -> list[str]:
+    """``{tenant}`` is the hash tag: both keys of a decision live on one node."""
+    base = f"edge:quota:{{{tenant_id}}}:{month}"
+    return [f"{base}:count", f"{base}:held"]
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    tenant_id: str
+    month: str
+    id: int  # 0: in process, or admitted while Redis was unreachable
+    expires: int  # Unix seconds when the month's count expires (the month's end + the lease)
+    degraded: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaDecision:
+    admitted: bool
+    left: int  # the quota minus the count and the reservations in flight (this one included)
+    reservation: Reservation | None  # set when admitted
+
+
+@dataclass(slots=True)
+class QuotaCounters:
+    admitted: int = 0
+    refused: int = 0
+    degraded_admitted: int = 0  # fail-open admissions while Redis was unreachable
+    degraded_refused: int = 0
+    unavailable: int = 0  # 503 under failure_mode = "closed"
+    kept: int = 0  # reservations turned into renders started
+    given_back: int = 0
+    rebuilds: int = 0  # month counts rebuilt from renders_started
+
+
+async def no_history(_tenant_id: str, _month: date) -> int:
+    """Embedded mode: no database holds earlier renders."""
+    return 0
+
+
+class MemoryQuotaStore:
+    """In process: exact for this process only."""
+
+    def __init__(self, rebuild: RebuildSource = no_history) -> None:
+        self._rebuild = rebuild
+        self._month = ""
+        self._counts: dict[str, int] = {}
+        self._held: dict[str, int] = {}
+        self._loading: dict[str, asyncio.Future[int]] = {}
+        self.counters = QuotaCounters()
+
+    async def reserve(self, tenant_id: str, quota: int, now: datetime) -> QuotaDecision:
+        month = month_id(now)
+        if month != self._month:  # a new month starts from nothing
+            self._month, self._counts, self._held, self._loading = month, {}, {}, {}
+        if tenant_id not in self._counts:
+            count = await self._load(tenant_id, now)
+            if self._month != month:
+                return await self.reserve(tenant_id, quota, now)
+            self._counts.setdefault(tenant_id, count)
+        count, held = self._counts[tenant_id], self._held.get(tenant_id, 0)
+        if not admits(quota, count, held):
+            self.counters.refused += 1
+            return QuotaDecision(False, remaining(quota, count, held), None)
+        self._held[tenant_id] = held + 1
+        self.counters.admitted += 1
+        reservation = Reservation(tenant_id, month, 0, 0)
+        return QuotaDecision(True, remaining(quota, count, held + 1), reservation)
+
+    async def _load(self, tenant_id: str, now: datetime) -> int:
+        """One rebuild per tenant and month however many requests wait for it."""
+        loading = self._loading.get(tenant_id)
+        if loading is None:
+            loading = asyncio.ensure_future(self._rebuild(tenant_id, first_day(now)))
+            self._loading[tenant_id] = loading
+            loading.add_done_callback(lambda f: self._loading.pop(tenant_id, None))
+            self.counters.rebuilds += 1
+        return await asyncio.shield(loading)
+
+    def settle(
+        self, tenant_id: str, month: str, reservation: Reservation | None, started: bool
+    ) -> None:
+        if month != self._month:
+            return  # a month that is over
+        if reservation is None:
+            if started and tenant_id in self._counts:  # an unlimited tenant's render
+                self._counts[tenant_id] += 1
+            return
+        self._held[tenant_id] = max(0, self._held.get(tenant_id, 0) - 1)
+        if started:
+            self._counts[tenant_id] = self._counts.get(tenant_id, 0) + 1
+            self.counters.kept += 1
+        else:
+            self.counters.given_back += 1
+
+    async def ready(self) -> bool:
+        return True
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+class RedisQuotaStore:
+    def __init__(
+        self,
+        client: ScriptClient,
+        *,
+        rebuild: RebuildSource,
+        deadline_s: float,
+        failure_mode: str,
+        expected_instances: int = 1,
+        lease_s: int = 900,
+        probe_interval_s: float = 0.25,
+    ) -> None:
+        self._client = client
+        self._rebuild = rebuild
+        self._deadline = deadline_s
+        self._fail_open = failure_mode == "open"
+        self._instances = expected_instances
+        self._lease_ms = lease_s * 1000
+        self._lease_s = lease_s
+        self._probe_interval = probe_interval_s
+        self._open = False
+        self._closing = False
+        self._probe: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()
+        # tenant -> (month, count + reservations) as last seen in Redis: the outage's base.
+        self._last_used: dict[str, tuple[str, int]] = {}
+        # While Redis is unreachable: admissions per tenant this process holds or kept, and
+        # the units kept, per (tenant, month), to add to the count when Redis answers again.
+        self._outage_used: dict[str, int] = {}
+        self._outage_kept: dict[tuple[str, str], int] = {}
+        self.counters = QuotaCounters()
+
+    @property
+    def healthy(self) -> bool:
+        return not self._open
+
+    async def ready(self) -> bool:
+        return self._fail_open or not self._open
+
+    async def start(self) -> None:
+        try:
+            async with asyncio.timeout(max(5.0, self._deadline)):
+                await self._client.start()
+        except Exception as e:
+            self._trip(e)
+
+    async def reserve(self, tenant_id: str, quota: int, now: datetime) -> QuotaDecision:
+        month = month_id(now)
+        expires = int(next_month_start(now).timestamp()) + self._lease_s
+        if self._open:
+            return await self._degraded(tenant_id, quota, now)
+        rid = random.getrandbits(62) + 1
+        keys = quota_keys(tenant_id, month)
+        args = [RESERVE, quota, rid, self._lease_ms, expires, NO_COUNT, 0]
+        try:
+            reply = await self._call(keys, args)
+            if reply[0] == NO_COUNT:
+                self.counters.rebuilds += 1
+                args[5] = await self._rebuild(tenant_id, first_day(now))
+                reply = await self._call(keys, args)
+            admitted, count, held = (int(v) for v in reply)
+        except ProxyError:  # Postgres could not say what the month's count is
+            return await self._degraded(tenant_id, quota, now)
+        except Exception as e:  # no reply, a reply that is not the script's, an error reply
+            self._client.reset()
+            self._trip(e)
+            # It may have been reserved all the same: give it back rather than hold a unit
+            # until the lease ends.
+            self._send(tenant_id, month, [RELEASE, 0, rid, 0, expires, NO_COUNT, 0])
+            return await self._degraded(tenant_id, quota, now)
+        self._last_used[tenant_id] = (month, count + held)
+        if admitted != 1:
+            self.counters.refused += 1
+            return QuotaDecision(False, remaining(quota, count, held), None)
+        self.counters.admitted += 1
+        return QuotaDecision(
+            True, remaining(quota, count, held), Reservation(tenant_id, month, rid, expires)
+        )
+
+    async def _call(self, keys: list[str], args: list[int]) -> list[Any]:
+        reply = self._client.run(keys, args)
+        async with asyncio.timeout(self._deadline):
+            values = await reply
+        if not isinstance(values, list) or len(values) != 3:
+            raise TypeError(f"not the quota script's reply: {values!r}")
+        return values
+
+    async def _degraded(self, tenant_id: str, quota: int, now: datetime) -> QuotaDecision:
+        if not self._fail_open:
+            self.counters.unavailable += 1
+            raise RateLimiterUnavailable()
+        month = month_id(now)
+        last = self._last_used.get(tenant_id)
+        if last is None or last[0] != month:
+            # Never seen this month: Postgres's count is the best base there is.
+            try:
+                used = await self._rebuild(tenant_id, first_day(now))
+            except ProxyError:
+                used = quota  # nothing known: admit none rather than guess
+            last = self._last_used[tenant_id] = (month, used)
+        share = outage_share(quota - last[1], self._instances)
+        mine = self._outage_used.get(tenant_id, 0)
+        if mine >= share:
+            self.counters.degraded_refused += 1
+            return QuotaDecision(False, 0, None)
+        self._outage_used[tenant_id] = mine + 1
+        self.counters.degraded_admitted += 1
+        reservation = Reservation(tenant_id, month, 0, 0, degraded=True)
+        return QuotaDecision(True, share - mine - 1, reservation)
+
+    def settle(
+        self, tenant_id: str, month: str, reservation: Reservation | None, started: bool
+    ) -> None:
+        """Keep or give back a unit; never waits (the answer is already on its way)."""
+        if reservation is None:
+            if started:  # an unlimited tenant's render: the count stays right if a quota is set
+                self._keep_later(tenant_id, month, 1)
+            return
+        if started:
+            self.counters.kept += 1
+        else:
+            self.counters.given_back += 1
+        if reservation.degraded:
+            if started:
+                self._keep_later(tenant_id, reservation.month, 1)
+            else:
+                self._outage_used[tenant_id] = max(0, self._outage_used.get(tenant_id, 0) - 1)
+            return
+        op = COMMIT if started else RELEASE
+        args = [op, 0, reservation.id, 0, reservation.expires, NO_COUNT, 1]
+        self._send(tenant_id, reservation.month, args, keep=started)
+
+    def _keep_later(self, tenant_id: str, month: str, n: int) -> None:
+        if self._open:
+            key = (tenant_id, month)
+            self._outage_kept[key] = self._outage_kept.get(key, 0) + n
+            return
+        self._send(tenant_id, month, [COMMIT, 0, 0, 0, 0, NO_COUNT, n], keep=True)
+
+    def _send(self, tenant_id: str, month: str, args: list[int], *, keep: bool = False) -> None:
+        """A settlement in the background; a kept unit that Redis did not get waits for it."""
+        task = asyncio.ensure_future(self._call(quota_keys(tenant_id, month), args))
+        self._tasks.add(task)
+
+        def done(t: asyncio.Future[Any]) -> None:
+            self._tasks.discard(t)
+            error = None if t.cancelled() else t.exception()
+            if t.cancelled() or error is not None:
+                if keep:
+                    key = (tenant_id, month)
+                    self._outage_kept[key] = self._outage_kept.get(key, 0) + args[6]
+                if not self._closing:
+                    self._client.reset()
+                    self._trip(error or TimeoutError("no answer within the deadline"))
+
+        task.add_done_callback(done)
+
+    def _trip(self, error: BaseException) -> None:
+        if self._open:
+            return
+        self._open = True
+        self._outage_used.clear()
+        if self._closing:
+            return
+        log.error(
+            "redis unavailable (%s): the render quota %s",
+            type(error).__name__,
+            "admits each process's share" if self._fail_open else "refuses requests (503)",
+        )
+        self._probe = asyncio.ensure_future(self._probe_until_healthy())
+
+    async def _probe_until_healthy(self) -> None:
+        while True:
+            await asyncio.sleep(self._probe_interval)
+            try:
+                async with asyncio.timeout(self._deadline):
+                    await self._client.ping()
+                await self._replay()
+            except Exception:
+                self._client.reset()
+                continue
+            self._open = False
+            self._outage_used.clear()
+            log.warning("redis answers again: exact render quota resumed")
+            return
+
+    async def _replay(self) -> None:
+        """Add the units kept during the outage to the months' counts."""
+        while self._outage_kept:
+            (tenant_id, month), n = next(iter(self._outage_kept.items()))
+            await self._call(quota_keys(tenant_id, month), [COMMIT, 0, 0, 0, 0, NO_COUNT, n])
+            left = self._outage_kept.pop((tenant_id, month), 0) - n
+            if left > 0:  # kept meanwhile
+                self._outage_kept[(tenant_id, month)] = left
+
+    async def close(self) -> None:
+        self._closing = True
+        await cancel(self._probe)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=self._deadline)
+        with contextlib.suppress(Exception):
+            await self._client.aclose()
