@@ -44,18 +44,16 @@ def app(upstream: str) -> web.Application:
     return application
 
 
-if __name__ == "__main__":
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True)
     args = parser.parse_args()
     if not c_parser_in_use():  # the check `serve` makes: a pure-Python floor would flatter us
         sys.exit("floor_forwarder: aiohttp runs without its C extensions")
-    web.run_app(
-        app(args.upstream),
-        host="127.0.0.1",
-        port=args.port,
-        access_log=None,
-        loop=uvloop.new_event_loop(),
-        print=None,
-    )
+    loop = uvloop.new_event_loop()
+    web.run_app(app(args.upstream), host="127.0.0.1", port=args.port, access_log=None, loop=loop)
+
+
+if __name__ == "__main__":
+    main()
