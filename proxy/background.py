@@ -201,6 +201,7 @@ def job_failures(jobs: Iterable[Job]) -> Metric:
     return counter(
         "edge_background_job_failures",
         "Unexpected exceptions in background jobs (each followed by a restart with backoff)",
-        ["job"],
+        # Not "job": Prometheus's own target label, which would rename this one exported_job.
+        ["background_job"],
         [([job.name], job.failures) for job in jobs],
     )
