@@ -2,7 +2,7 @@
 # Make sure the binaries the tests start are installed: redis-server and PostgreSQL's
 # initdb/postgres (tests/servers.py), chromium (tests/e2e/test_browser_cors.py, headless), caddy
 # (tests/e2e/test_caddy_tls.py, the TLS front) and promtool from Debian's prometheus package
-# (tests/unit/test_dashboards.py checks the alert rules with it).
+# (tests/e2e/test_dashboards.py checks the alert rules with it).
 # Quick no-op when they are. Installs with apt-get only as root; never enables
 # or starts a system service (the tests run their own throwaway servers on random ports).
 set -euo pipefail
