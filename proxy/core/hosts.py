@@ -81,3 +81,8 @@ def classify_host(host: str, platform_domains: tuple[str, ...]) -> HostMatch:
             if "." not in slug:
                 return HostMatch("slug", slug)
     return HostMatch("other")
+
+
+def is_platform_name(host: str, platform_domains: tuple[str, ...]) -> bool:
+    """A platform domain or any name under one (CONTRACT §3: reserved, never a custom domain)."""
+    return any(host == d or host.endswith("." + d) for d in platform_domains)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.core.hosts import BadHost, HostMatch, classify_host, normalize_host
+from proxy.core.hosts import BadHost, HostMatch, classify_host, is_platform_name, normalize_host
 
 PLATFORM = ("flatrender.test",)
 
@@ -244,3 +244,20 @@ def test_case_port_and_trailing_dot_do_not_change_the_tenant(label: str, port: s
     for variant in (label.upper(), label.lower(), label.swapcase()):
         assert normalize_host(f"{variant}.FlatRender.test.{port}") == base
     assert classify_host(base, PLATFORM) == HostMatch("slug", label.lower())
+
+
+@pytest.mark.parametrize(
+    ("host", "reserved"),
+    [
+        ("flatrender.test", True),  # the apex
+        ("acme.flatrender.test", True),  # a slug host
+        ("a.b.flatrender.test", True),  # deeper names too
+        ("eu.other.test", True),
+        ("notflatrender.test", False),  # a suffix that is not a label boundary
+        ("flatrender.test.evil.com", False),
+        ("videos.acme.com", False),
+        ("test", False),
+    ],
+)
+def test_is_platform_name(host: str, reserved: bool) -> None:
+    assert is_platform_name(host, ("flatrender.test", "other.test")) is reserved
