@@ -1,5 +1,5 @@
 """The command line of CONTRACT §1 and §10: serve, check, migrate, partitions ensure,
-keys create|revoke.
+keys create|revoke|rotate.
 
 Every failure the operator can cause (bad arguments, bad configuration, unreachable database)
 is one line on stderr and a non-zero exit, never a traceback.
@@ -19,7 +19,7 @@ import tempfile
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     revoke = keys_sub.add_parser("revoke", help="revoke a key everywhere within a second")
     revoke.add_argument("key_id", metavar="KEY_ID")
     revoke.add_argument("--reason")
+    rotate = keys_sub.add_parser("rotate", help="mint a successor; the old key lives --grace more")
+    rotate.add_argument("key_id", metavar="KEY_ID")
+    rotate.add_argument("--grace", default="24h", help="90s, 15m, 24h, 7d or 0 (at most 30d)")
     return parser
 
 
@@ -261,9 +264,24 @@ def _create_args(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+GRACE_MAX_S = 30 * 86400  # CONTRACT §5
+
+
+def _grace(text: str) -> timedelta:
+    from proxy.core.durations import parse_duration
+
+    try:
+        seconds = parse_duration(text)
+    except ValueError as e:
+        raise ConfigError(f"--grace: {e}") from None
+    if seconds > GRACE_MAX_S:
+        raise ConfigError(f"--grace: at most 30d, got {text!r}")
+    return timedelta(seconds=seconds)
+
+
 def _keys(args: argparse.Namespace) -> int:
     from proxy.migrate import MigrationError, close_connection, open_connection
-    from proxy.stores.keyadmin import KeyAdminError, create_key, revoke_key
+    from proxy.stores.keyadmin import KeyAdminError, create_key, revoke_key, rotate_key
 
     dsn = os.environ.get("DATABASE_URL")
     if not dsn:
@@ -275,12 +293,17 @@ def _keys(args: argparse.Namespace) -> int:
             key_id = str(uuid.UUID(args.key_id))
         except ValueError:
             raise ConfigError(f"KEY_ID: not a UUID: {args.key_id!r}") from None
+        if args.keys_command == "rotate":
+            grace = _grace(args.grace)
 
     async def run() -> dict[str, object]:
         conn = await open_connection(dsn)
         try:
-            if args.keys_command == "create":
-                new = await create_key(conn, **fields)
+            if args.keys_command in ("create", "rotate"):
+                if args.keys_command == "create":
+                    new = await create_key(conn, **fields)
+                else:
+                    new = await rotate_key(conn, key_id, grace, datetime.now(UTC))
                 return {
                     "id": new.id,
                     "key": new.key,
