@@ -1,5 +1,5 @@
 """The command line of CONTRACT §1 and §10: serve, check, migrate, partitions ensure,
-keys create|revoke|rotate.
+keys create|revoke|rotate, domains add|check (§12).
 
 Every failure the operator can cause (bad arguments, bad configuration, unreachable database)
 is one line on stderr and a non-zero exit, never a traceback.
@@ -17,7 +17,7 @@ import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,6 +28,7 @@ import asyncpg
 from proxy.settings import ConfigError, Settings, load_settings, parse_host_port
 
 if TYPE_CHECKING:
+    from proxy.domains.challenge import Method
     from proxy.worker_metrics import WorkerSet
 
 
@@ -77,7 +78,22 @@ def _parser() -> argparse.ArgumentParser:
     rotate = keys_sub.add_parser("rotate", help="mint a successor; the old key lives --grace more")
     rotate.add_argument("key_id", metavar="KEY_ID")
     rotate.add_argument("--grace", default="24h", help="90s, 15m, 24h, 7d or 0 (at most 30d)")
+    _domains_parser(sub)
     return parser
+
+
+def _domains_parser(sub: Any) -> None:
+    domains = sub.add_parser("domains", help="custom-domain verification (database mode)")
+    domains_sub = domains.add_subparsers(dest="domains_command", required=True)
+    add = domains_sub.add_parser("add", help="set a tenant's custom domain and open a challenge")
+    add.add_argument("--tenant", required=True, help="tenant slug")
+    add.add_argument("--domain", required=True)
+    add.add_argument("--method", choices=("http", "dns"), default="http")
+    add.add_argument("--replace", action="store_true", help="replace a verified custom domain")
+    add.add_argument("--config", help="TOML file (default: $EDGE_CONFIG or config/edge.toml)")
+    check = domains_sub.add_parser("check", help="check the due challenges now, once")
+    check.add_argument("--domain", help="this domain's pending challenges, whatever their schedule")
+    check.add_argument("--config", help="TOML file (default: $EDGE_CONFIG or config/edge.toml)")
 
 
 def _with_overrides(settings: Settings, args: argparse.Namespace) -> Settings:
@@ -325,6 +341,107 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _domains(args: argparse.Namespace) -> int:
+    from proxy.core.hosts import BadHost, normalize_host
+    from proxy.domains.rules import domain_refusal
+
+    settings = load_settings(os.environ, args.config)
+    if settings.database_url is None:
+        raise ConfigError("DATABASE_URL: required by domains")
+    domain = None
+    if args.domain is not None:
+        try:
+            domain = normalize_host(args.domain)
+        except BadHost:
+            raise ConfigError(f"--domain: not a host name: {args.domain!r}") from None
+    if args.domains_command == "add":
+        assert domain is not None  # required by the parser
+        refusal = domain_refusal(domain, settings.tenancy.platform_domains)
+        if refusal is not None:
+            raise ConfigError(f"--domain: {refusal}")
+        lines = _run_db(
+            settings.database_url, lambda conn: _domains_add(conn, args, domain, settings)
+        )
+    else:
+        lines = _run_db(settings.database_url, lambda conn: _domains_check(conn, domain, settings))
+    for line in lines:
+        print(json.dumps(line))
+    return 0
+
+
+async def _domains_add(
+    conn: asyncpg.Connection, args: argparse.Namespace, domain: str, settings: Settings
+) -> list[dict[str, object]]:
+    from proxy.domains.challenge import instructions, new_token
+    from proxy.domains.store import DomainStore
+
+    method: Method = "DNS_TXT" if args.method == "dns" else "HTTP_FILE"
+    now = datetime.now(UTC)
+    added = await DomainStore(conn).add(
+        tenant_slug=args.tenant,
+        domain=domain,
+        method=method,
+        token=new_token(),
+        expires_at=now + timedelta(seconds=settings.domains.challenge_ttl_s),
+        replace=args.replace,
+    )
+    return [
+        {
+            "id": added.id,
+            "domain": added.domain,
+            "method": added.method,
+            "token": added.token,
+            "expires_at": added.expires_at.isoformat(),
+            "instructions": instructions(added.domain, added.method, added.token),
+        }
+    ]
+
+
+async def _domains_check(
+    conn: asyncpg.Connection, domain: str | None, settings: Settings
+) -> list[dict[str, object]]:
+    from proxy.domains.service import open_checker
+    from proxy.domains.store import DomainStore
+    from proxy.domains.verifier import CheckCounters, run_pass
+
+    async with open_checker(settings.domains) as checker:
+        reports = await run_pass(
+            DomainStore(conn),
+            checker,
+            lambda: datetime.now(UTC),
+            settings.tenancy.platform_domains,
+            CheckCounters(),
+            domain,
+        )
+    return [r.as_json() for r in reports]
+
+
+def _run_db(
+    dsn: str, work: Callable[[asyncpg.Connection], Awaitable[list[dict[str, object]]]]
+) -> list[dict[str, object]]:
+    """``work`` on one connection; every database failure is one line (CONTRACT §1)."""
+    from proxy.domains.store import DomainRefused
+    from proxy.migrate import MigrationError, close_connection, open_connection
+
+    async def run() -> list[dict[str, object]]:
+        conn = await open_connection(dsn)
+        try:
+            return await work(conn)
+        finally:
+            await close_connection(conn)
+
+    try:
+        return asyncio.run(run())
+    except (MigrationError, DomainRefused) as e:
+        raise ConfigError(str(e)) from None
+    except (asyncpg.InvalidSchemaNameError, asyncpg.UndefinedTableError):
+        raise ConfigError("database not migrated: run `python -m proxy migrate` first") from None
+    except asyncpg.PostgresError as e:
+        raise ConfigError(f"database refused: {' '.join(str(e).split())}") from None
+    except (OSError, TimeoutError, asyncpg.InterfaceError) as e:
+        raise ConfigError(f"database connection lost: {type(e).__name__}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -339,6 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _keys(args)
         if args.command == "partitions":
             return _partitions(args)
+        if args.command == "domains":
+            return _domains(args)
         return _migrate(args)
     except ConfigError as e:
         for problem in e.problems:

@@ -30,6 +30,7 @@ from proxy.audit.postgres import PostgresAuditSink
 from proxy.background import Job, job_failures
 from proxy.connection import ConnectionGate, listen
 from proxy.core.hosts import BadHost, normalize_host
+from proxy.domains.service import start_verifier
 from proxy.errors import TenantStoreUnavailable
 from proxy.pipeline.audit import audit_stage
 from proxy.pipeline.auth import auth_stage
@@ -449,6 +450,7 @@ async def serve(
         exposition.router.add_get("/metrics", own)
         own_metrics = await serve_own(workers, exposition)
     log.warning("listening on %s, admin on %s (pid %d)", s.listen, s.admin_listen, os.getpid())
+    verifier = await start_verifier(settings, telemetry, utc_now)  # CONTRACT §12
     freeze_startup_objects()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -460,6 +462,8 @@ async def serve(
         )
     await stop.wait()
     draining.set()
+    if verifier is not None:
+        await verifier.close()
     log.warning("shutting down: draining in-flight requests")
     listener.close()  # stop accepting; the runner then drains the open connections
     await runner.cleanup()

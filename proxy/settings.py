@@ -137,6 +137,20 @@ class TelemetrySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class DomainsSettings:
+    """Custom-domain verification (CONTRACT §12), database mode only."""
+
+    # Each `serve` runs the verifier (one process of the deployment checks at a time).
+    verify: bool = True
+    # The port an HTTP_FILE check connects to on the domain (where the edge answers it).
+    http_port: int = 80
+    # DNS servers ("IP:PORT") the checks resolve through; empty: the system resolver.
+    nameservers: tuple[HostPort, ...] = ()
+    # How long a challenge made by `domains add` stays valid (7 days).
+    challenge_ttl_s: float = 604_800.0
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamSettings:
     name: str
     urls: tuple[str, ...]
@@ -169,6 +183,7 @@ class Settings:
     routes: tuple[RouteSettings, ...]
     config_path: Path
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+    domains: DomainsSettings = field(default_factory=DomainsSettings)
     database_url: str | None = None
     redis_url: str | None = None
     redis_mode: Literal["standalone", "cluster", "sentinel"] = "standalone"
@@ -489,6 +504,38 @@ def _telemetry(t: _Table, env: Mapping[str, str]) -> TelemetrySettings:
     return s
 
 
+def _nameserver(value: str, key: str) -> HostPort:
+    """``IP:PORT`` (``[IPv6]:PORT``): a resolver is asked by address, never by name."""
+    hp = parse_host_port(value, key)
+    try:
+        ipaddress.ip_address(hp.host)
+    except ValueError:
+        raise ConfigError(f"{key}: expected IP:PORT, got {value!r}") from None
+    return hp
+
+
+def _domains(t: _Table) -> DomainsSettings:
+    d = DomainsSettings()
+    port = t.positive_int("http_port", d.http_port)
+    if port > 65535:
+        t.problem("http_port", f"expected a port number, got {port}")
+        port = d.http_port
+    names = t.str_list("nameservers", ())
+    nameservers = t.checked(
+        "nameservers",
+        d.nameservers,
+        lambda: tuple(_nameserver(v, t.key("nameservers")) for v in names),
+    )
+    s = DomainsSettings(
+        verify=t.flag("verify", d.verify),
+        http_port=port,
+        nameservers=nameservers,
+        challenge_ttl_s=t.positive("challenge_ttl_s", d.challenge_ttl_s),
+    )
+    t.finish()
+    return s
+
+
 def _upstream(name: str, t: _Table) -> UpstreamSettings:
     urls = t.str_list("urls", ())
     if not urls:
@@ -564,6 +611,7 @@ def parse_settings(data: Mapping[str, Any], env: Mapping[str, str], config_path:
     audit = root.section("audit", lambda t: _audit(t, base), AuditSettings())
 
     telemetry = root.section("telemetry", lambda t: _telemetry(t, env), TelemetrySettings())
+    domains = root.section("domains", _domains, DomainsSettings())
     up_root = root.table("upstreams")
     # An upstream with a problem keeps its name, so that its routes do not report it unknown.
     upstreams = {
@@ -611,6 +659,7 @@ def parse_settings(data: Mapping[str, Any], env: Mapping[str, str], config_path:
         routes=routes,
         config_path=config_path,
         telemetry=telemetry,
+        domains=domains,
         database_url=database_url,
         redis_url=redis_url,
         redis_mode=redis_mode,  # type: ignore[arg-type]

@@ -18,8 +18,10 @@ import pytest_asyncio
 from proxy.migrate import apply_migrations
 
 try:  # tests/ is a package, so pytest put the rootdir on sys.path...
+    from tests.dnsserver import LoopbackDns
     from tests.servers import PostgresServer, RedisClusterServer, RedisSentinelSet, RedisServer
 except ModuleNotFoundError:  # ...or it is not, and pytest put tests/ itself there
+    from dnsserver import LoopbackDns  # type: ignore[no-redef,import-not-found]
     from servers import (  # type: ignore[no-redef,import-not-found]
         PostgresServer,
         RedisClusterServer,
@@ -89,3 +91,14 @@ async def migrated_dsn(postgres_server: PostgresServer) -> AsyncIterator[str]:
     finally:
         await postgres_server.astart()
         await asyncio.to_thread(postgres_server.drop_database, name)
+
+
+@pytest.fixture(scope="session")
+def dns_server() -> Iterator[LoopbackDns]:
+    """A loopback authoritative DNS server for the whole session (``tests/dnsserver.py``):
+    ``.address`` for ``domains.nameservers``, ``.set(name, type, *values)``, ``.count(...)``."""
+    server = LoopbackDns().start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -96,10 +96,15 @@ def write_config(
     routes: list[Mapping[str, Any]],
     server: Mapping[str, Any] | None = None,
     tenancy: Mapping[str, Any] | None = None,
+    domains: Mapping[str, Any] | None = None,
 ) -> Path:
     lines = ["[server]"] + [f"{k} = {_toml(v)}" for k, v in (server or {}).items()]
     tenancy = {"embedded_file": str(ROOT / "config" / "tenants.toml"), **(tenancy or {})}
     lines += ["[tenancy]"] + [f"{k} = {_toml(v)}" for k, v in tenancy.items()]
+    # No test resolves a name through the machine's resolver (CONTRACT §12): the domain
+    # verifier is off unless a test turns it on and points it at the loopback DNS server.
+    domains = {"verify": False} if domains is None else domains
+    lines += ["[domains]"] + [f"{k} = {_toml(v)}" for k, v in domains.items()]
     for name, up in upstreams.items():
         lines += [f'[upstreams."{name}"]'] + [f"{k} = {_toml(v)}" for k, v in up.items()]
     for route in routes:
@@ -151,10 +156,12 @@ def start_proxy(
     env: Mapping[str, str] | None = None,
     args: tuple[str, ...] = (),
     pipe: bool = False,
+    port: int | None = None,
 ) -> Proxy:
     """A proxy process. Its output goes to a file read by ``output()``: a pipe read only at
-    the end would fill up with access-log lines (``pipe=True`` asks for exactly that)."""
-    port, admin = free_port(), free_port()
+    the end would fill up with access-log lines (``pipe=True`` asks for exactly that).
+    ``port``: the public port, when the configuration must name it before the start."""
+    port, admin = port or free_port(), free_port()
     log = Path(tempfile.mkstemp(prefix="edge-proxy-", suffix=".log")[1])
     full_env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     full_env.update(env or {})

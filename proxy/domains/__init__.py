@@ -1,0 +1,1 @@
+"""Custom-domain verification (CONTRACT §12): ``domains add`` rules, the checks, the verifier."""

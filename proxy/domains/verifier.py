@@ -1,0 +1,176 @@
+"""The domain verifier (CONTRACT §12): one pass over the rows that are due, and the job that
+runs passes in every ``serve`` of a database deployment while only one of them checks.
+
+Which process checks is decided by a session-level Postgres advisory lock taken on the job's
+own connection: it is held while the connection lives, so when its process dies Postgres ends
+the session, frees the lock, and a waiting process takes over. The waiting ones block in
+``pg_advisory_lock`` (no polling). The holder also claims each row before checking it
+(``DomainStore.claim_due``), so ``domains check`` run by hand never doubles a check either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import asyncpg
+from prometheus_client.core import Metric
+
+from proxy.background import cancel
+from proxy.domains.checks import Checker, Outcome
+from proxy.domains.rules import domain_refusal
+from proxy.domains.store import DomainStore, DueCheck
+from proxy.stores.postgres import DB_ERRORS
+from proxy.telemetry import counter
+
+log = logging.getLogger("proxy.domains")
+
+# Any constant shared by every process of a deployment: b"edgedoms" read as a bigint.
+LOCK_KEY = 0x65646765646F6D73
+APPLICATION_NAME = "flatrender-edge-domain-verifier"  # visible in pg_stat_activity
+# A claimed row is due again after this if its checker never records the check (it died).
+LEASE = timedelta(seconds=60)
+PASS_LIMIT = 100  # rows per pass; the rest are due at the next pass, a second later
+CONCURRENCY = 16  # checks in flight at once
+METHODS = ("HTTP_FILE", "DNS_TXT")
+OUTCOMES = ("passed", "failed")
+
+
+@dataclass
+class CheckCounters:
+    by_method_outcome: dict[tuple[str, str], int] = field(
+        default_factory=lambda: {(m, o): 0 for m in METHODS for o in OUTCOMES}
+    )
+
+    def count(self, method: str, outcome: Outcome) -> None:
+        key = (method, "passed" if outcome.verified else "failed")
+        self.by_method_outcome[key] = self.by_method_outcome.get(key, 0) + 1
+
+    def metrics(self) -> Iterator[Metric]:
+        yield counter(
+            "edge_domain_checks",
+            "Custom-domain checks made by this process, by method and outcome",
+            ["method", "outcome"],
+            [([m, o], n) for (m, o), n in sorted(self.by_method_outcome.items())],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CheckReport:
+    """One check, as ``domains check`` prints it."""
+
+    id: str
+    domain: str
+    method: str
+    verified: bool
+    error: str | None
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "domain": self.domain,
+            "method": self.method,
+            "verified": self.verified,
+            "error": self.error,
+        }
+
+
+async def run_pass(
+    store: DomainStore,
+    checker: Checker,
+    clock: Callable[[], datetime],
+    platform_domains: tuple[str, ...],
+    counters: CheckCounters,
+    domain: str | None = None,
+) -> list[CheckReport]:
+    """Claim the rows that are due (with ``domain``: its pending rows whatever their schedule),
+    check them concurrently, record each check. Returns what was checked."""
+    now = clock()
+    due = await store.claim_due(now, now + LEASE, domain, PASS_LIMIT)
+    if not due:
+        return []
+    gate = asyncio.Semaphore(CONCURRENCY)
+
+    async def one(row: DueCheck) -> Outcome:
+        # A row written by another client may name a host that must never be verified (§3).
+        if domain_refusal(row.domain, platform_domains) is not None:
+            return Outcome(False, "domain_not_allowed")
+        async with gate:
+            return await checker.check(row.method, row.domain, row.token)
+
+    outcomes = await asyncio.gather(*(one(row) for row in due))
+    reports = []
+    for row, outcome in zip(due, outcomes, strict=True):
+        await store.record(row, outcome.verified, clock())
+        counters.count(row.method, outcome)
+        if outcome.verified:
+            log.warning("custom domain %s verified (%s)", row.domain, row.method)
+        reports.append(CheckReport(row.id, row.domain, row.method, outcome.verified, outcome.error))
+    return reports
+
+
+class DomainVerifier:
+    """The background job: waits for the lock, then makes a pass every ``interval_s``."""
+
+    def __init__(
+        self,
+        dsn: str,
+        checker: Checker,
+        clock: Callable[[], datetime],
+        platform_domains: tuple[str, ...],
+        *,
+        interval_s: float = 1.0,
+        connect_timeout_s: float = 5.0,
+    ) -> None:
+        self._dsn = dsn
+        self._checker = checker
+        self._clock = clock
+        self._platform = platform_domains
+        self._interval = interval_s
+        self._connect_timeout = connect_timeout_s
+        self._task: asyncio.Task[None] | None = None
+        self.counters = CheckCounters()
+        self.holding = False  # this process is the deployment's checker right now
+        self.failures = 0
+        self._delay = 1.0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        await cancel(self._task)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._hold_and_check()
+            except DB_ERRORS as e:
+                log.warning("domain verifier lost the database (%s)", type(e).__name__)
+            except Exception:
+                # Never die silently: log, count, back off, go on.
+                log.exception("domain verifier failed; restarting")
+            self.failures += 1
+            await asyncio.sleep(self._delay)
+            self._delay = min(self._delay * 2, 30.0)
+
+    async def _hold_and_check(self) -> None:
+        conn: asyncpg.Connection = await asyncpg.connect(
+            self._dsn,
+            timeout=self._connect_timeout,
+            server_settings={"application_name": APPLICATION_NAME},
+        )
+        try:
+            # Blocks until the holder's session ends (a process that died included).
+            await conn.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
+            self.holding = True
+            self._delay = 1.0
+            store = DomainStore(conn)
+            while True:
+                await run_pass(store, self._checker, self._clock, self._platform, self.counters)
+                await asyncio.sleep(self._interval)
+        finally:
+            self.holding = False
+            conn.terminate()
