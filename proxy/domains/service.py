@@ -35,7 +35,7 @@ class RunningVerifier:
         self._stack = stack
 
     async def close(self) -> None:
-        await self.verifier.close()
+        await self.verifier.stop()
         await self._stack.aclose()
 
 
@@ -50,6 +50,6 @@ async def start_verifier(
     verifier = DomainVerifier(
         settings.database_url, checker, clock, settings.tenancy.platform_domains
     )
-    telemetry.collect_from(verifier.counters.metrics)
+    telemetry.collect_from(verifier.metrics)
     verifier.start()
     return RunningVerifier(verifier, stack)

@@ -3,15 +3,17 @@ runs passes in every ``serve`` of a database deployment while only one of them c
 
 Which process checks is decided by a session-level Postgres advisory lock taken on the job's
 own connection: it is held while the connection lives, so when its process dies Postgres ends
-the session, frees the lock, and a waiting process takes over. The waiting ones block in
-``pg_advisory_lock`` (no polling). The holder also claims each row before checking it
-(``DomainStore.claim_due``), so ``domains check`` run by hand never doubles a check either.
+the session, frees the lock, and another process takes it at its next try (every second; a
+blocking ``pg_advisory_lock`` would take it sooner but could not be interrupted by ``stop``).
+The holder also claims each row before checking it (``DomainStore.claim_due``), so ``domains
+check`` run by hand never doubles a check either.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -19,12 +21,13 @@ from datetime import datetime, timedelta
 import asyncpg
 from prometheus_client.core import Metric
 
-from proxy.background import cancel
+from proxy.background import Job
+from proxy.core.backoff import backoff_s
 from proxy.domains.checks import Checker, Outcome
 from proxy.domains.rules import domain_refusal
 from proxy.domains.store import DomainStore, DueCheck
 from proxy.stores.postgres import DB_ERRORS
-from proxy.telemetry import counter
+from proxy.telemetry import counter, gauge
 
 log = logging.getLogger("proxy.domains")
 
@@ -112,8 +115,9 @@ async def run_pass(
     return reports
 
 
-class DomainVerifier:
-    """The background job: waits for the lock, then makes a pass every ``interval_s``."""
+class DomainVerifier(Job):
+    """The background job: takes the lock, then makes a pass every ``interval_s``; a process
+    that does not hold the lock tries again at the same pace."""
 
     def __init__(
         self,
@@ -124,53 +128,62 @@ class DomainVerifier:
         *,
         interval_s: float = 1.0,
         connect_timeout_s: float = 5.0,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
+        super().__init__("domain-verifier", jitter=jitter)
         self._dsn = dsn
         self._checker = checker
         self._clock = clock
         self._platform = platform_domains
         self._interval = interval_s
         self._connect_timeout = connect_timeout_s
-        self._task: asyncio.Task[None] | None = None
+        self._draw = jitter
+        self._outages = 0  # consecutive failures to reach the database
         self.counters = CheckCounters()
         self.holding = False  # this process is the deployment's checker right now
-        self.failures = 0
-        self._delay = 1.0
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def close(self) -> None:
-        await cancel(self._task)
-
-    async def _run(self) -> None:
-        while True:
+    async def run(self) -> None:
+        while not self.stopping:
             try:
-                await self._hold_and_check()
+                await self._connected()
             except DB_ERRORS as e:
-                log.warning("domain verifier lost the database (%s)", type(e).__name__)
-            except Exception:
-                # Never die silently: log, count, back off, go on.
-                log.exception("domain verifier failed; restarting")
-            self.failures += 1
-            await asyncio.sleep(self._delay)
-            self._delay = min(self._delay * 2, 30.0)
+                # An outage is expected weather, not a bug: a warning, and a wait that grows.
+                self._outages += 1
+                delay = backoff_s(self._outages, base_s=1.0, cap_s=30.0, jitter=self._draw())
+                log.warning(
+                    "domain verifier: database unavailable (%s); retrying in %.1fs",
+                    type(e).__name__,
+                    delay,
+                )
+                await self.sleep(delay)
 
-    async def _hold_and_check(self) -> None:
+    async def _connected(self) -> None:
         conn: asyncpg.Connection = await asyncpg.connect(
             self._dsn,
             timeout=self._connect_timeout,
             server_settings={"application_name": APPLICATION_NAME},
         )
+        self._outages = 0
         try:
-            # Blocks until the holder's session ends (a process that died included).
-            await conn.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
+            while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY):
+                if await self.sleep(self._interval):
+                    return
             self.holding = True
-            self._delay = 1.0
             store = DomainStore(conn)
             while True:
                 await run_pass(store, self._checker, self._clock, self._platform, self.counters)
-                await asyncio.sleep(self._interval)
+                self.succeeded()
+                if await self.sleep(self._interval):
+                    return
         finally:
             self.holding = False
+            # Ends the session, and with it the lock, at once (no unlock round trip to wait for).
             conn.terminate()
+
+    def metrics(self) -> Iterator[Metric]:
+        yield from self.counters.metrics()
+        yield gauge(
+            "edge_domain_verifier_active",
+            "1 while this process holds the lock and checks for the whole deployment",
+            1 if self.holding else 0,
+        )
