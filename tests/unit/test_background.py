@@ -59,7 +59,7 @@ async def test_periodic_job_survives_an_exception_and_counts_it(
     assert "background job ticker failed" in caplog.text
     assert "a bug in a tick" in caplog.text  # the traceback is logged
     metric = job_failures([job])
-    assert [(s.labels, s.value) for s in metric.samples] == [({"job": "ticker"}, 1)]
+    assert [(s.labels, s.value) for s in metric.samples] == [({"background_job": "ticker"}, 1)]
 
 
 async def test_a_job_is_restarted_after_run_raises_and_backs_off_between_restarts() -> None:
