@@ -23,6 +23,10 @@ import aiohttp
 import asyncpg
 import pytest
 
+from proxy.domains.checks import Checker, Outcome
+from proxy.domains.resolver import DnsResolver
+from proxy.settings import HostPort
+from tests.dnsserver import LoopbackDns
 from tests.e2e.support import seeded_database, within
 from tests.procs import ROOT, Echo, Proxy, free_port, start_proxy, stop, wait_port, write_config
 from tests.servers import PostgresServer
@@ -77,6 +81,7 @@ def proxy(dsn: str, echo: Echo, tmp_path_factory: pytest.TempPathFactory) -> Ite
 @dataclass
 class Caddy:
     https_port: int
+    http_port: int
     data_dir: Path
     proc: subprocess.Popen[bytes]
     log: Path
@@ -92,7 +97,7 @@ def caddy(proxy: Proxy, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ca
     binary = shutil.which("caddy")
     assert binary, "caddy is not installed: run scripts/ensure-test-servers.sh"
     home = tmp_path_factory.mktemp("caddy")
-    https_port = free_port()
+    https_port, http_port = free_port(), free_port()
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         # Caddy keeps certificates, its CA and its autosaved config under these: all in the
@@ -103,7 +108,7 @@ def caddy(proxy: Proxy, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ca
         "CADDY_ADMIN": f"127.0.0.1:{free_port()}",
         "CADDY_BIND": "127.0.0.1",
         "CADDY_PROTOCOLS": "h1 h2",  # no QUIC listener (UDP) for a test that speaks TCP only
-        "CADDY_HTTP_PORT": str(free_port()),
+        "CADDY_HTTP_PORT": str(http_port),
         "CADDY_HTTPS_PORT": str(https_port),
         "EDGE_ADMIN": f"127.0.0.1:{proxy.admin_port}",
         "EDGE_PUBLIC": f"127.0.0.1:{proxy.port}",
@@ -119,7 +124,7 @@ def caddy(proxy: Proxy, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ca
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    running = Caddy(https_port, home / "data", proc, log)
+    running = Caddy(https_port, http_port, home / "data", proc, log)
 
     async def root_created() -> bool:
         return running.root_ca.is_file()
@@ -211,3 +216,37 @@ async def test_verifying_a_domain_makes_it_servable_without_a_restart(
     status, seen = await https_get(caddy, LATER)
     assert (status, seen["x-forwarded-host"]) == (200, LATER)
     assert caddy.proc.poll() is None  # the same Caddy process throughout
+
+
+async def test_the_domain_challenge_passes_through_caddy_over_plain_http(
+    caddy: Caddy, dsn: str, dns_server: LoopbackDns
+) -> None:
+    """What the verifier sees on port 80 behind this Caddyfile (CONTRACT §12): the edge's answer
+    to the challenge, not a redirect to HTTPS (the domain has no certificate yet)."""
+    token = "caddy-passes-the-challenge-0123456789abcdef"
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            """INSERT INTO identity.tenant_domain_verifications
+               (tenant_id, domain, method, challenge_token, expires_at)
+               SELECT id, custom_domain, 'HTTP_FILE', $2, now() + interval '1 hour'
+                 FROM identity.tenants WHERE custom_domain = $1""",
+            UNVERIFIED,
+            token,
+        )
+    finally:
+        await conn.close()
+    dns_server.set(UNVERIFIED, "A", "127.0.0.1")
+    async with aiohttp.ClientSession() as http:
+        checker = Checker(
+            http, DnsResolver([HostPort("127.0.0.1", dns_server.port)], 5.0), caddy.http_port
+        )
+        assert await checker.check("HTTP_FILE", UNVERIFIED, token) == Outcome(True)
+        # Anything else on port 80 still goes to HTTPS.
+        async with http.get(
+            f"http://127.0.0.1:{caddy.http_port}/public/x",
+            headers={"Host": UNVERIFIED},
+            allow_redirects=False,
+        ) as r:
+            assert r.status == 308
+            assert r.headers["Location"] == f"https://{UNVERIFIED}/public/x"
