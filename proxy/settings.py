@@ -578,11 +578,11 @@ def _route(t: _Table, upstreams: Mapping[str, UpstreamSettings]) -> RouteSetting
     scopes_table.finish()
     meter = t.text("meter", "") or None
     if meter not in (None, "renders"):
-        raise ConfigError(f'{t.key("meter")}: expected "renders", got {meter!r}')
+        t.problem("meter", f'expected "renders", got {meter!r}')
     audit = t.flag("audit", False)
     if meter is not None and not audit:
         # renders_started is written with the audit batch, from the route's rows (§9, §13).
-        raise ConfigError(f"{t.key('meter')}: needs audit = true on the route")
+        t.problem("meter", "needs audit = true on the route")
     s = RouteSettings(
         prefix=prefix,
         upstream=upstream,

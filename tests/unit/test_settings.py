@@ -272,7 +272,7 @@ def test_every_problem_of_the_file_is_reported_once() -> None:
             "render-api": {"urls": ["127.0.0.1:9001"], "read_timout_s": 3},
         },
         "routes": [
-            {"prefix": "v1", "upstream": "nope"},
+            {"prefix": "v1", "upstream": "nope", "meter": "minutes"},
             {"prefix": "/x", "upstream": "render-api", "scopes": {"FETCH": "x:y"}},
             {"prefix": "/x", "upstream": "render-api"},
         ],
@@ -293,6 +293,7 @@ def test_every_problem_of_the_file_is_reported_once() -> None:
         "upstreams.render-api.read_timout_s: unknown key",
         "routes[0].prefix: must start with '/', got 'v1'",
         "routes[0].upstream: unknown upstream 'nope'",
+        "routes[0].meter: expected \"renders\", got 'minutes'",
         "routes[1].scopes.FETCH: not an HTTP method",
         "routes[2].prefix: duplicate prefix '/x'",
         "extra: unknown key",
