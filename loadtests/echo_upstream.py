@@ -6,12 +6,16 @@ fast upstream. Run: ``python loadtests/echo_upstream.py --port 9001``.
 Endpoints (any prefix; matched on the last path segment):
 - ``.../stream?bytes=N``   streams N bytes in 64 KiB chunks (chunked, or ``&length=1`` for CL)
 - ``.../slow?seconds=S``   answers after S seconds
+- ``.../hold?seconds=S``   answers after S seconds unless the connection is closed first, which
+                            ``/__closed/<request-id>`` then reports
 - ``.../reset``            aborts the connection without answering
 - ``.../truncate``         promises 1 MiB (Content-Length, or chunked with ``?chunked=1``),
                             sends 64 KiB, then aborts
 - ``.../hop``              answers with hop-by-hop and Connection-named headers
 - ``.../ws``               WebSocket echo
 - ``/__count/<request-id>`` how many requests with that X-Request-Id arrived
+- ``/__closed/<request-id>`` whether a ``hold`` request with that X-Request-Id saw its
+                            connection closed before it answered
 - anything else             JSON: method, path, query, headers (list of pairs), body size/sha256
 """
 
@@ -27,6 +31,7 @@ from aiohttp import WSMsgType, web
 
 CHUNK = b"x" * 65536
 SEEN = web.AppKey("seen", Counter[str])
+CLOSED = web.AppKey("closed", set[str])
 
 
 async def _echo(request: web.Request) -> web.StreamResponse:
@@ -63,6 +68,19 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def _hold(request: web.Request, rid: str | None) -> web.StreamResponse:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + float(request.query.get("seconds", "5"))
+    while loop.time() < end:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            if rid:
+                request.app[CLOSED].add(rid)
+            return web.Response()
+        await asyncio.sleep(0.01)  # a stub's poll; aiohttp does not cancel handlers on close
+    return await _echo(request)
+
+
 async def _ws(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(protocols=("render.v1",))
     await ws.prepare(request)
@@ -79,6 +97,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     path = request.path
     if path.startswith("/__count/"):
         return web.json_response({"count": request.app[SEEN][path.rsplit("/", 1)[1]]})
+    if path.startswith("/__closed/"):
+        return web.json_response({"closed": path.rsplit("/", 1)[1] in request.app[CLOSED]})
     if rid:
         request.app[SEEN][rid] += 1
     last = path.rsplit("/", 1)[-1]
@@ -90,6 +110,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if last == "slow":
         await asyncio.sleep(float(request.query.get("seconds", "5")))
         return await _echo(request)
+    if last == "hold":
+        return await _hold(request, rid)
     if last == "reset":
         assert request.transport is not None
         request.transport.abort()
@@ -128,6 +150,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
 def make_app() -> web.Application:
     app = web.Application()
     app[SEEN] = Counter()
+    app[CLOSED] = set()
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
 

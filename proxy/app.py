@@ -62,7 +62,7 @@ from proxy.stores.quota import (
 )
 from proxy.stores.redis import RedisBucketStore, make_client
 from proxy.stores.usage import NoUsage, UsageRecorder
-from proxy.telemetry import Telemetry, counter, gauge
+from proxy.telemetry import Telemetry, counter, gauge, gauges
 from proxy.upstreams import Routing
 from proxy.worker_metrics import WorkerSet, all_workers, serve_own
 
@@ -169,6 +169,28 @@ def quota_metrics(quotas: MemoryQuotaStore | RedisQuotaStore) -> Iterator[Metric
     yield counter(
         "edge_quota_rebuilds", "Month counts rebuilt from renders_started", [], [([], c.rebuilds)]
     )
+
+
+def pool_metrics(routing: Routing) -> Callable[[], Iterable[Metric]]:
+    """Each upstream pool's requests in flight (at most its max_connections) and waiting for a
+    connection, read at scrape time from the pools in force."""
+
+    def read() -> Iterator[Metric]:
+        pools = routing.current.pools.values()
+        yield gauges(
+            "edge_upstream_in_flight",
+            "Requests holding one of the upstream's max_connections",
+            ["upstream"],
+            [([p.name], p.in_flight) for p in pools],
+        )
+        yield gauges(
+            "edge_upstream_waiting",
+            "Requests waiting for a free upstream connection (at most connect_timeout_s)",
+            ["upstream"],
+            [([p.name], p.waiting) for p in pools],
+        )
+
+    return read
 
 
 def utc_now() -> datetime:
@@ -309,8 +331,12 @@ def build_app(
     app[ROUTING] = routing
     app[TELEMETRY] = telemetry
     telemetry.collect_from(store_metrics(stores))
+    telemetry.collect_from(pool_metrics(routing))
     forwarder = Forwarder(
-        routing, settings.server.max_body_bytes, settings.server.body_timeout_s, telemetry
+        settings.server.max_body_bytes,
+        settings.server.body_timeout_s,
+        telemetry,
+        settings.server.trusted_proxies,
     )
     app.router.add_route("*", "/{tail:.*}", forwarder.handle, expect_handler=expect_handler)
     app.on_response_prepare.append(stamp_response)

@@ -34,6 +34,12 @@ application's startup and cleanup, and ``Server.shutdown`` still drains every co
 SIGTERM. "The head is complete" is learnt from a wrapper around ``web.Server.request_handler``
 (a public attribute): it runs when aiohttp starts handling a parsed request.
 
+A client that leaves must not keep work going on its behalf (CONTRACT §7). aiohttp notices the
+lost connection in ``connection_lost`` but, without ``handler_cancellation`` (off: it would
+cancel every stage, store calls included), lets the handler run on. The forwarder registers its
+task with ``cancel_on_departure`` while it waits on the upstream, and ``connection_lost`` cancels
+it, so a request queued for a full pool is never sent and one in progress is aborted.
+
 One more gap is closed here: llhttp can fail *after* a request was handed to the application
 (a bad chunk size arriving after the head). aiohttp then queues the error behind that request
 and never finishes its body, so the request would wait forever with an upstream connection
@@ -219,12 +225,23 @@ def raw_error(error: ProxyError, rid: str | None = None) -> bytes:
 class EdgeRequestHandler(web.RequestHandler):
     """One client connection. See the module docstring for what it adds and why."""
 
-    __slots__ = ("_admitted", "_current", "_gate", "_head_bytes", "_last_body", "head_deadline")
+    __slots__ = (
+        "_admitted",
+        "_current",
+        "_departure",
+        "_gate",
+        "_head_bytes",
+        "_last_body",
+        "departed",
+        "head_deadline",
+    )
 
     def __init__(self, manager: web.Server, gate: ConnectionGate, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._gate = gate
         self._admitted = False
+        self.departed = False  # the connection is lost (the client left, or it was closed)
+        self._departure: asyncio.Task[Any] | None = None  # cancelled when it is lost
         self._current: web.BaseRequest | None = None  # the request being handled
         self._head_bytes = False  # bytes of the next head have arrived
         self.head_deadline = _NONE  # loop time by which the awaited head must be complete
@@ -246,10 +263,20 @@ class EdgeRequestHandler(web.RequestHandler):
         if not self._admitted:
             return
         self._admitted = False
+        self.departed = True
         self._gate.release()
         self._gate.forget(self)
         self._disarm()
         super().connection_lost(exc)
+        task, self._departure = self._departure, None
+        if task is not None:
+            task.cancel()
+
+    def cancel_on_departure(self, task: asyncio.Task[Any] | None) -> None:
+        """While set, losing the connection cancels ``task``: the forwarding of the request
+        being handled, so that work for a client that has left stops (CONTRACT §7). aiohttp's
+        ``handler_cancellation`` would cancel every stage, store calls included."""
+        self._departure = task
 
     def data_received(self, data: bytes) -> None:
         if not self._admitted:

@@ -8,9 +8,12 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from proxy.core.apikeys import ApiKey
     from proxy.core.tenancy import Tenant
     from proxy.settings import RouteSettings
+    from proxy.upstreams import UpstreamPool
 
 
 @dataclass(slots=True)
@@ -23,6 +26,8 @@ class RequestContext:
     path: str = ""  # resolved path (CONTRACT §7), what routing and the upstream see
     query: str = ""
     route: RouteSettings | None = None
+    # The pools of the configuration ``route`` came from (one snapshot: see upstreams.Routing).
+    pools: Mapping[str, UpstreamPool] | None = None
     tenant: Tenant | None = None
     via_platform: bool = False  # the Host was a platform domain itself (CONTRACT §5)
     api_key: ApiKey | None = None
@@ -41,3 +46,6 @@ CTX = web.RequestKey("flatrender_ctx", RequestContext)
 # The version a request line named when it was not HTTP/1.x (the request itself is
 # rebuilt as HTTP/1.1 so that the refusal's status line is one the client can read).
 UNSERVED_VERSION = web.RequestKey("flatrender_unserved_version", str)
+# The scheme of the client's own connection when a front relayed it with the PROXY protocol
+# and said it was TLS (PROXY v2 PP2_TYPE_SSL); absent: the scheme of the connection received.
+CLIENT_SCHEME = web.RequestKey("flatrender_client_scheme", str)

@@ -144,6 +144,15 @@ class UpstreamTimeout(ProxyError):
     status, code, message = 504, "upstream_timeout", "the upstream service did not answer in time"
 
 
+class UpstreamBusy(ProxyError):
+    # CONTRACT §7: every connection of the upstream's pool stayed in use for connect_timeout_s;
+    # the upstream was not contacted. Retry-After (RFC 9110 §10.2.3): a pool frees up quickly.
+    status, code, message = 503, "upstream_busy", "the upstream service is busy"
+
+    def __init__(self) -> None:
+        super().__init__(headers={"Retry-After": "1"})
+
+
 class TenantStoreUnavailable(ProxyError):
     status, code, message = 503, "tenant_store_unavailable", "tenant store unavailable"
 

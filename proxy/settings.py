@@ -134,6 +134,9 @@ class TelemetrySettings:
     sampler: str = "parentbased_always_on"
     sampler_arg: float = 1.0
     service_name: str = "flatrender-edge"
+    # OTEL_SDK_DISABLED=true: no tracing at all, and the client's traceparent goes upstream
+    # unchanged (CONTRACT §10), as with the sampler always_off.
+    sdk_disabled: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -493,7 +496,11 @@ def _telemetry(t: _Table, env: Mapping[str, str]) -> TelemetrySettings:
         arg = -1.0
     if not 0.0 <= arg <= 1.0:
         t.problems.append("OTEL_TRACES_SAMPLER_ARG: expected a ratio between 0 and 1")
+    disabled = env.get("OTEL_SDK_DISABLED", "").strip().lower()
+    if disabled not in ("", "true", "false"):
+        t.problems.append(f"OTEL_SDK_DISABLED: expected true or false, got {disabled!r}")
     s = TelemetrySettings(
+        sdk_disabled=disabled == "true",
         access_log=t.flag("access_log", d.access_log),
         traces_exporter=exporter,
         sampler=sampler,

@@ -5,8 +5,10 @@
   stage; the upstream gets ``traceparent`` naming the proxy's upstream span. Exporter and
   sampler come from the standard ``OTEL_*`` variables (read by ``settings``). With the exporter
   ``none`` there is no tracer at all: ``span()`` hands back one shared no-op context manager.
-  Even then the upstream gets a ``traceparent`` (CONTRACT §7): the client's if valid, else a
-  fresh unsampled one.
+  Even then the upstream's ``traceparent`` continues the client's trace with a span id of the
+  proxy's own (CONTRACT §10): only an id is needed, not a span. Only ``OTEL_SDK_DISABLED=true``
+  and the sampler ``always_off`` leave tracing out altogether: the client's ``traceparent``
+  then passes unchanged, and none is sent when the client sent none.
 - Metrics: ``prometheus-client``, one registry per process. Per-request figures (requests and
   latency by route and status class, upstream errors) are instruments updated by the stages;
   figures the stores already count (limiter decisions, cache hits, audit queue, store errors)
@@ -19,11 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import re
-import secrets
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+from multidict import CIMultiDict
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -32,6 +33,7 @@ from opentelemetry.sdk.trace.export import (
     SimpleSpanProcessor,
     SpanExporter,
 )
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
@@ -39,7 +41,16 @@ from opentelemetry.sdk.trace.sampling import (
     Sampler,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import Span, SpanKind, Tracer, set_span_in_context
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    TraceFlags,
+    Tracer,
+    get_current_span,
+    set_span_in_context,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import (
     CollectorRegistry,
@@ -53,7 +64,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from proxy.settings import TelemetrySettings
 
 _NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
-_TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_IDS = RandomIdGenerator()
 _PROPAGATOR = TraceContextTextMapPropagator()
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -95,7 +106,9 @@ class Telemetry:
         is then fed synchronously)."""
         self.tracer: Tracer | None = None
         self._provider: TracerProvider | None = None
-        chosen = exporter or _exporter(settings)
+        # Tracing left out altogether: the client's traceparent is forwarded as received.
+        self._passthrough = settings.sdk_disabled or settings.sampler == "always_off"
+        chosen = None if self._passthrough else exporter or _exporter(settings)
         if chosen is not None:
             self._provider = TracerProvider(
                 resource=Resource.create({"service.name": settings.service_name}),
@@ -149,15 +162,28 @@ class Telemetry:
         return self.tracer.start_as_current_span(name, kind=kind)
 
     def inject(
-        self, headers: MutableMapping[str, str], span: Span | None, inbound: str | None
+        self, headers: CIMultiDict[str], span: Span | None, inbound: Mapping[str, str]
     ) -> None:
-        """Set ``traceparent`` for the upstream (W3C Trace Context §3.2)."""
-        if span is not None:
-            _PROPAGATOR.inject(headers, context=set_span_in_context(span))
-        elif inbound is not None and _TRACEPARENT.fullmatch(inbound):
-            headers["traceparent"] = inbound
-        else:
-            headers["traceparent"] = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"
+        """Set ``traceparent`` (and ``tracestate``) for the upstream from the proxy's span, or,
+        without one, from the client's trace and an id of the proxy's own (W3C Trace Context
+        §3.2: a participant forwards the trace-id and replaces the parent-id with its own)."""
+        if self._passthrough:
+            return  # whatever the client sent passed the header filter unchanged
+        if span is None:
+            # The propagator validates the client's header (version, lengths, all-zero ids);
+            # an invalid or missing one starts a new trace, unsampled: nothing records it here.
+            parent = get_current_span(_PROPAGATOR.extract(inbound)).get_span_context()
+            headers.popall("tracestate", None)  # re-set from the parsed parent if it had one
+            span = NonRecordingSpan(
+                SpanContext(
+                    parent.trace_id if parent.is_valid else _IDS.generate_trace_id(),
+                    _IDS.generate_span_id(),
+                    is_remote=False,
+                    trace_flags=parent.trace_flags if parent.is_valid else TraceFlags(0),
+                    trace_state=parent.trace_state if parent.is_valid else None,
+                )
+            )
+        _PROPAGATOR.inject(headers, context=set_span_in_context(span))
 
     # -- metrics
 
@@ -214,3 +240,12 @@ def counter(
 
 def gauge(name: str, doc: str, value: float) -> Metric:
     return GaugeMetricFamily(name, doc, value=value)
+
+
+def gauges(
+    name: str, doc: str, labels: list[str], values: Iterable[tuple[list[str], float]]
+) -> Metric:
+    family = GaugeMetricFamily(name, doc, labels=labels)
+    for label_values, value in values:
+        family.add_metric(label_values, value)
+    return family

@@ -4,6 +4,12 @@ The session is built once at start-up (DESIGN: nothing per request that start-up
 ``auto_decompress=False`` so bodies pass through byte for byte with their ``Content-Encoding``;
 cookies are never stored (``DummyCookieJar``: a shared jar would leak one client's cookies into
 another's requests); proxy environment variables are ignored (``trust_env=False``).
+
+``max_connections`` is enforced here, not only by aiohttp's connector: a request takes one of
+the pool's slots before it contacts the upstream and keeps it until its answer is relayed. The
+connector's own queue waits without a bound and cannot tell "pool full" from "slow connect";
+this wait is bounded by ``connect_timeout_s`` and ends in 503 ``upstream_busy`` (CONTRACT §7),
+and a request whose client has left gives its slot up at once (its task is cancelled).
 """
 
 from __future__ import annotations
@@ -11,17 +17,29 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import aiohttp
 
 from proxy.core.routes import RouteTable
+from proxy.errors import UpstreamBusy
 from proxy.settings import RouteSettings, Settings, UpstreamSettings
 
 UPSTREAM_MAX_FIELD_BYTES = 16 * 1024
 
 
 class UpstreamPool:
-    __slots__ = ("_counter", "_session", "name", "settings", "timeout", "urls")
+    __slots__ = (
+        "_counter",
+        "_session",
+        "_slots",
+        "in_flight",
+        "name",
+        "settings",
+        "timeout",
+        "urls",
+        "waiting",
+    )
 
     def __init__(self, settings: UpstreamSettings) -> None:
         self.name = settings.name
@@ -37,6 +55,30 @@ class UpstreamPool:
             sock_read=settings.read_timeout_s,
         )
         self._session: aiohttp.ClientSession | None = None
+        self._slots = asyncio.Semaphore(settings.max_connections)
+        self.in_flight = 0  # requests holding a slot (for /metrics)
+        self.waiting = 0  # requests waiting for one
+
+    async def admit(self) -> None:
+        """Take a slot for one request, waiting at most ``connect_timeout_s`` for one to free
+        up; past that ``UpstreamBusy``. Every admitted request calls ``leave()`` once."""
+        slots = self._slots
+        if slots.locked():
+            self.waiting += 1
+            try:
+                async with asyncio.timeout(self.settings.connect_timeout_s):
+                    await slots.acquire()
+            except TimeoutError:
+                raise UpstreamBusy() from None
+            finally:
+                self.waiting -= 1
+        else:
+            await slots.acquire()  # a free slot: returns without suspending
+        self.in_flight += 1
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        self._slots.release()
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -79,19 +121,37 @@ def build_pools(upstreams: Mapping[str, UpstreamSettings]) -> dict[str, Upstream
     return {name: UpstreamPool(s) for name, s in upstreams.items()}
 
 
-class Routing:
-    """The route table and upstream pools in force; replaced whole on SIGHUP.
+@dataclass(frozen=True, slots=True)
+class RoutingSnapshot:
+    """One configuration's routes and the pools they name: a route is always looked up in the
+    ``pools`` of the snapshot it came from, so every upstream it names is there."""
 
-    A request reads ``table`` and ``pools`` once, so it finishes on the configuration it
-    started with. Pools of upstreams whose settings did not change are carried over (their
-    keep-alive connections too); pools no longer needed are closed after ``grace_s``, by which
-    time requests that were using them have finished (the shutdown grace is the same bound).
+    table: RouteTable[RouteSettings]
+    pools: Mapping[str, UpstreamPool]
+
+
+class Routing:
+    """The route table and upstream pools in force; replaced whole, as one snapshot, on SIGHUP.
+
+    A request takes ``current`` once (the route stage) and uses that snapshot to the end, so it
+    finishes on the configuration it started with: a reload that renames or removes its
+    upstream in between changes nothing for it. Pools of upstreams whose settings did not
+    change are carried over (their keep-alive connections too); pools no longer needed are
+    closed after ``grace_s``, by which time requests that were using them have finished (the
+    shutdown grace is the same bound).
     """
 
     def __init__(self, settings: Settings) -> None:
-        self.table: RouteTable[RouteSettings] = RouteTable(settings.routes)
-        self.pools: dict[str, UpstreamPool] = build_pools(settings.upstreams)
+        self.current = RoutingSnapshot(RouteTable(settings.routes), build_pools(settings.upstreams))
         self._retiring: set[asyncio.Task[None]] = set()
+
+    @property
+    def table(self) -> RouteTable[RouteSettings]:
+        return self.current.table
+
+    @property
+    def pools(self) -> Mapping[str, UpstreamPool]:
+        return self.current.pools
 
     def reload(self, settings: Settings, grace_s: float) -> None:
         pools: dict[str, UpstreamPool] = {}
@@ -99,7 +159,7 @@ class Routing:
             old = self.pools.get(name)
             pools[name] = old if old is not None and old.settings == up else UpstreamPool(up)
         retired = [p for name, p in self.pools.items() if pools.get(name) is not p]
-        self.table, self.pools = RouteTable(settings.routes), pools
+        self.current = RoutingSnapshot(RouteTable(settings.routes), pools)
         if retired:
             task = asyncio.ensure_future(self._retire(retired, grace_s))
             self._retiring.add(task)
@@ -107,10 +167,14 @@ class Routing:
 
     @staticmethod
     async def _retire(pools: list[UpstreamPool], grace_s: float) -> None:
-        await asyncio.sleep(grace_s)
-        await asyncio.gather(*(p.close() for p in pools))
+        try:
+            await asyncio.sleep(grace_s)
+        finally:  # also when close() cuts the grace short: no session is left open
+            await asyncio.gather(*(p.close() for p in pools))
 
     async def close(self) -> None:
-        for task in list(self._retiring):
+        retiring = list(self._retiring)
+        for task in retiring:
             task.cancel()
+        await asyncio.gather(*retiring, return_exceptions=True)
         await asyncio.gather(*(p.close() for p in self.pools.values()))

@@ -4,8 +4,9 @@
   names, and the fixed set below; ``Proxy-*`` headers are included (RFC 9110 §11.7 and the
   de-facto ``Proxy-Connection``).
 - Headers the proxy sets itself are dropped from the inbound side first, so a client can never
-  spoof them: ``X-FlatRender-*`` (CONTRACT §7), the ``X-Forwarded-*`` trio and RFC 7239
-  ``Forwarded`` (rebuilt from what the proxy knows), ``X-Request-Id``.
+  spoof them: ``X-FlatRender-*`` (CONTRACT §7), the ``X-Forwarded-*`` trio (rebuilt from what
+  the proxy knows, or believed from a trusted front: ``forwarded_origin``), RFC 7239
+  ``Forwarded`` (never sent: the upstream gets the ``X-Forwarded-*`` trio), ``X-Request-Id``.
 - A field whose value is not valid UTF-8 is dropped: aiohttp cannot send it unaltered.
 - The client address follows the "right-most untrusted" rule used by nginx's realip module and
   Envoy's ``xff_num_trusted_hops``: only a trusted peer's ``X-Forwarded-For`` is believed.
@@ -180,6 +181,38 @@ def _peer(peer: str) -> tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address
     # One spelling per client whichever branch decides: a dual-stack listener reports
     # "::ffff:192.0.2.7", which audit rows, per-IP limits and allowed_ips see as 192.0.2.7.
     return (peer if ip is None else str(ip)), ip
+
+
+def trusted_peer(peer: str, trusted: Sequence[IPNetwork]) -> bool:
+    """Whether the connection's peer is one of ``trusted_proxies`` (its headers are believed)."""
+    ip = _peer(peer)[1]
+    return ip is not None and is_trusted(ip, trusted)
+
+
+def forwarded_origin(
+    believed: bool,
+    received_proto: Sequence[str],
+    received_host: Sequence[str],
+    scheme: str,
+    host: str,
+) -> tuple[str, str]:
+    """``X-Forwarded-Proto`` and ``X-Forwarded-Host`` for the upstream (CONTRACT §7), from the
+    lines of each that arrived.
+
+    A trusted front (``believed``) terminated the client's connection, so its values describe
+    it: they are passed on as received (several lines as one list, RFC 9110 §5.3), the port in
+    the host included. Anyone else's would let a client choose the scheme and host the upstream
+    builds absolute URLs and cookies for, so they are replaced by the proxy's own view: the
+    scheme of the connection it received and the ``Host`` header as sent. A value a trusted
+    front left out, or sent in bytes aiohttp cannot pass on unaltered, is the proxy's own view.
+    """
+    if not believed:
+        return scheme, host
+    proto, fhost = ", ".join(received_proto), ", ".join(received_host)
+    return (
+        proto if proto and _forwardable(proto) else scheme,
+        fhost if fhost and _forwardable(fhost) else host,
+    )
 
 
 def client_address(

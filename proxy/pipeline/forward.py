@@ -6,26 +6,37 @@ moves on to the next URL whatever its method. One that may have reached it is no
 the only retry it gets is aiohttp's own, once, when a pooled keep-alive connection turns out to
 have been closed by the upstream, and only for idempotent methods (``ClientSession`` limits it
 to GET, HEAD, OPTIONS, TRACE, PUT and DELETE).
+
+A client that leaves ends the work done for it (CONTRACT §7): the connection cancels this
+stage's task when it is lost (``EdgeRequestHandler.cancel_on_departure``), wherever it is
+waiting: for a pool slot (nothing was sent), for the upstream's answer or a chunk of the relay
+(the upstream connection is closed, so the upstream sees the request aborted). The request is
+then a 499 ``client_closed_request``. aiohttp's own ``handler_cancellation`` would do the same
+for every stage, store calls included; only forwarding is cancelled here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import Span, SpanKind
 from yarl import URL
 
-from proxy.context import CTX, RequestContext
+from proxy.connection import EdgeRequestHandler
+from proxy.context import CLIENT_SCHEME, CTX, RequestContext
 from proxy.core.apikeys import bearer_key
 from proxy.core.forwarding import (
+    IPNetwork,
+    forwarded_origin,
     request_headers_to_forward,
     response_headers_to_return,
+    trusted_peer,
 )
 from proxy.errors import (
     BadRequest,
@@ -33,13 +44,14 @@ from proxy.errors import (
     PayloadTooLarge,
     ProxyError,
     RequestBodyTimeout,
+    UpstreamBusy,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
 from proxy.pipeline.entry import send_continue
 from proxy.pipeline.websocket import is_websocket_upgrade, relay_websocket
 from proxy.telemetry import Telemetry
-from proxy.upstreams import Routing, UpstreamPool
+from proxy.upstreams import UpstreamPool
 
 log = logging.getLogger("proxy.forward")
 
@@ -120,8 +132,11 @@ class _RequestBody:
             yield chunk
 
 
-def upstream_headers(request: web.Request, ctx: RequestContext) -> CIMultiDict[str]:
-    headers = CIMultiDict(request_headers_to_forward(list(request.headers.items())))
+def upstream_headers(
+    request: web.Request, ctx: RequestContext, trusted: Sequence[IPNetwork]
+) -> CIMultiDict[str]:
+    received = request.headers
+    headers = CIMultiDict(request_headers_to_forward(list(received.items())))
     if any(bearer_key(v) is not None for v in headers.getall("Authorization", ())):
         # A raw key never goes upstream; other tokens do. Every Authorization line counts:
         # the auth stage reads the first, a key hidden in a second one must not pass either.
@@ -129,8 +144,13 @@ def upstream_headers(request: web.Request, ctx: RequestContext) -> CIMultiDict[s
     if request.content_length is not None:
         headers["Content-Length"] = str(request.content_length)
     headers["X-Forwarded-For"] = ctx.forwarded_for
-    headers["X-Forwarded-Proto"] = request.scheme
-    headers["X-Forwarded-Host"] = ctx.host
+    headers["X-Forwarded-Proto"], headers["X-Forwarded-Host"] = forwarded_origin(
+        trusted_peer(request.remote or "", trusted),
+        received.getall("X-Forwarded-Proto", ()),
+        received.getall("X-Forwarded-Host", ()),
+        request.get(CLIENT_SCHEME) or request.scheme,
+        received.get("Host", ctx.host),  # as sent, port included (exactly one: target stage)
+    )
     headers["X-Request-Id"] = ctx.request_id
     if ctx.tenant is not None:
         headers["X-FlatRender-Tenant-Id"] = ctx.tenant.id
@@ -147,58 +167,91 @@ class Forwarder:
     """The request handler at the end of the pipeline; the only code that talks to upstreams."""
 
     def __init__(
-        self, routing: Routing, max_body_bytes: int, body_timeout_s: float, telemetry: Telemetry
+        self,
+        max_body_bytes: int,
+        body_timeout_s: float,
+        telemetry: Telemetry,
+        trusted_proxies: Sequence[IPNetwork],
     ) -> None:
-        self._routing = routing
         self._max_body = max_body_bytes
         self._body_timeout = body_timeout_s
         self._telemetry = telemetry
+        self._trusted = tuple(trusted_proxies)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         ctx = request[CTX]
-        route = ctx.route
-        assert route is not None  # the route stage ran
+        route, pools = ctx.route, ctx.pools
+        assert route is not None and pools is not None  # the route stage ran
         test_key = ctx.api_key is not None and ctx.api_key.environment == "test"
-        pools = self._routing.pools  # read once: a reload mid-request changes nothing for it
+        # The pools of the snapshot the route came from: a reload since cannot miss a name.
         pool = pools[route.test_upstream if test_key and route.test_upstream else route.upstream]
         length = request.content_length
         if length is not None and length > self._max_body:
             raise PayloadTooLarge()
-        headers = upstream_headers(request, ctx)
+        protocol = request.protocol
+        edge = protocol if isinstance(protocol, EdgeRequestHandler) else None
+        if edge is not None and edge.departed:
+            raise _departure(ctx)  # gone while earlier stages ran: nothing is sent
+        headers = upstream_headers(request, ctx, self._trusted)
         target = f"{ctx.path}?{ctx.query}" if ctx.query else ctx.path
         loop = asyncio.get_running_loop()
         started = loop.time()
         with self._telemetry.span("edge.upstream", SpanKind.CLIENT) as span:
-            self._telemetry.inject(headers, span, request.headers.get("traceparent"))
+            self._telemetry.inject(headers, span, request.headers)
             if span is not None:
                 span.set_attribute("flatrender.upstream", pool.name)
+            task = asyncio.current_task() if edge is not None else None
+            if edge is not None:
+                edge.cancel_on_departure(task)
             try:
-                if is_websocket_upgrade(request):
-                    return await relay_websocket(request, pool, target, headers)
-                body = (
-                    _RequestBody(
-                        request.content,
-                        self._max_body,
-                        self._body_timeout,
-                        partial(send_continue, request, ctx),
-                    )
-                    if request.body_exists
-                    else None
-                )
-                upstream = await self._send(request.method, pool, target, headers, body)
-                ctx.upstream_status = upstream.status
-                if span is not None:
-                    span.set_attribute("http.response.status_code", upstream.status)
-                return await self._relay(request, upstream, pool)
-            except (UpstreamUnavailable, UpstreamTimeout) as e:
+                return await self._forward(request, ctx, pool, target, headers, span)
+            except (UpstreamUnavailable, UpstreamTimeout, UpstreamBusy) as e:
                 self._telemetry.upstream_error(pool.name, e.code)
                 raise
             except ClientClosedRequest:
-                if ctx.body_refused:  # the connection cut it for bad framing, not the client
-                    raise BadRequest("malformed chunked body") from None
-                raise
+                raise _departure(ctx) from None
+            except asyncio.CancelledError:
+                if edge is None or task is None or not edge.departed:
+                    raise  # not the client's leaving (a shutdown): stays a cancellation
+                task.uncancel()
+                raise _departure(ctx) from None
             finally:
+                if edge is not None:
+                    edge.cancel_on_departure(None)
+                    if task is not None and edge.departed and task.cancelling():
+                        task.uncancel()  # a cancellation something inside swallowed
                 ctx.upstream_s = loop.time() - started
+
+    async def _forward(
+        self,
+        request: web.Request,
+        ctx: RequestContext,
+        pool: UpstreamPool,
+        target: str,
+        headers: CIMultiDict[str],
+        span: Span | None,
+    ) -> web.StreamResponse:
+        await pool.admit()  # bounded by connect_timeout_s: 503 upstream_busy past it
+        try:
+            if is_websocket_upgrade(request):
+                return await relay_websocket(request, pool, target, headers)
+            body = (
+                _RequestBody(
+                    request.content,
+                    self._max_body,
+                    self._body_timeout,
+                    partial(send_continue, request, ctx),
+                )
+                if request.body_exists
+                else None
+            )
+            upstream = await self._send(request.method, pool, target, headers, body)
+            ctx.upstream_status = upstream.status
+            if span is not None:
+                span.set_attribute("http.response.status_code", upstream.status)
+            return await self._relay(request, upstream, pool)
+        finally:
+            pool.leave()
 
     async def _send(
         self,
@@ -265,15 +318,14 @@ class Forwarder:
                     break
                 await response.write(chunk)
         except ConnectionError:
-            # The client went away: not an error of ours (nginx logs 499 for it). aiohttp says so
-            # with ConnectionResetError, or, when it happens while a write waits for the socket
-            # to drain, with a bare ConnectionError("Connection lost") (which was logged as an
-            # unhandled error and answered 500). No upstream read failure is a ConnectionError:
-            # those are aiohttp.ClientError and TimeoutError, handled below. Close the
-            # upstream rather than drain a multi-GB body into nothing, and hand aiohttp the
-            # response: its final write fails quietly and it drops the connection.
+            # The client went away before its answer was complete: 499 (CONTRACT §7), not an
+            # error of ours. aiohttp says so with ConnectionResetError, or, when it happens
+            # while a write waits for the socket to drain, with a bare ConnectionError
+            # ("Connection lost"). No upstream read failure is a ConnectionError: those are
+            # aiohttp.ClientError and TimeoutError, handled below. Close the upstream rather
+            # than drain a multi-GB body into nothing.
             upstream.close()
-            return response
+            raise ClientClosedRequest() from None
         except (TimeoutError, aiohttp.ClientError) as e:
             # The upstream failed after the head was sent: the only honest signal left is to
             # cut the client's connection, so a truncated body can never pass for a whole one.
@@ -289,3 +341,11 @@ class Forwarder:
         upstream.release()
         await response.write_eof()
         return response
+
+
+def _departure(ctx: RequestContext) -> ProxyError:
+    """What a request whose connection is gone is recorded as: the client's leaving (499), or
+    the malformed body for which the connection itself was closed (400, ``_refuse_body``)."""
+    if ctx.body_refused:
+        return BadRequest("malformed chunked body")
+    return ClientClosedRequest()

@@ -43,7 +43,8 @@ def route_stage(routing: Routing) -> Middleware:
     @web.middleware
     async def route(request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = request[CTX]
-        ctx.route = routing.table.match(ctx.path)
+        snapshot = routing.current  # route and pools from one configuration (SIGHUP-safe)
+        ctx.route, ctx.pools = snapshot.table.match(ctx.path), snapshot.pools
         if ctx.route is None:
             raise NoRoute()
         if ctx.route.embed:

@@ -13,7 +13,16 @@ from pathlib import Path
 import aiohttp
 import psutil
 import pytest_asyncio
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.typedefs import Handler
 
+from proxy.pipeline.entry import entry_stage
+from proxy.pipeline.forward import Forwarder
+from proxy.pipeline.routing import route_stage, target_stage
+from proxy.settings import load_settings
+from proxy.telemetry import Telemetry
+from proxy.upstreams import Routing
 from tests.procs import Echo, Proxy, start_proxy, stop, write_config
 
 HOST = "flatrender.test"
@@ -201,3 +210,54 @@ async def test_readyz_turns_503_while_draining(
         assert await slow == 200
     finally:
         stop(proxy.proc)
+
+
+async def test_a_reload_renaming_the_upstream_mid_request_does_not_fail_the_request(
+    echo: Echo, tmp_path: Path
+) -> None:
+    """CONTRACT §7 / issue 13: a SIGHUP that lands after a request was routed and before it is
+    forwarded renames its upstream. The route and its pool come from one snapshot, so the
+    request is forwarded on the configuration it was routed with (before: a 500), and the next
+    one on the new configuration. The reload is made to land exactly there by a stage between
+    the route stage and the forwarder."""
+    settings = load_settings({}, str(_config(tmp_path, echo)))
+    renamed = load_settings(
+        {},
+        str(
+            write_config(
+                tmp_path / "renamed.toml",
+                upstreams={"render-v2": {"urls": [echo.url]}},
+                routes=[{"prefix": "/public", "upstream": "render-v2", "auth": "none"}],
+            )
+        ),
+    )
+    routing = Routing(settings)
+    reloads = 0
+
+    @web.middleware
+    async def sighup_now(request: web.Request, handler: Handler) -> web.StreamResponse:
+        nonlocal reloads
+        if reloads == 0:
+            routing.reload(renamed, grace_s=60)
+        reloads += 1
+        return await handler(request)
+
+    telemetry = Telemetry(settings.telemetry)
+    app = web.Application(
+        middlewares=[
+            entry_stage(settings.server.trusted_proxies, telemetry, None),
+            target_stage,
+            route_stage(routing),
+            sighup_now,
+        ]
+    )
+    forwarder = Forwarder(1 << 20, 5, telemetry, settings.server.trusted_proxies)
+    app.router.add_route("*", "/{tail:.*}", forwarder.handle)
+    try:
+        async with TestClient(TestServer(app)) as client:
+            for _ in range(2):  # routed before the reload, then after it
+                r = await client.get("/public/x", headers={"Host": HOST})
+                assert r.status == 200, await r.text()
+        assert reloads == 2 and list(routing.pools) == ["render-v2"]
+    finally:
+        await routing.close()

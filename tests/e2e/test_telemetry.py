@@ -92,19 +92,59 @@ async def test_spans_form_one_trace_continuing_the_clients(
     assert sent == [f"00-{TRACE_ID}-{spans['edge.upstream'].context.span_id:016x}-01"]
 
 
-async def test_without_tracing_the_upstream_still_gets_a_traceparent(
+async def test_without_an_exporter_the_upstream_continues_the_trace_with_a_span_id_of_its_own(
     echo: Echo, tmp_path: Path
 ) -> None:
+    """CONTRACT §10: exporter ``none`` has no SDK span, yet the upstream's traceparent is a
+    child of the proxy: same trace-id and flags, a new parent-id. An invalid or missing one
+    starts a new (unsampled) trace, and a tracestate belonging to an invalid one is dropped."""
     settings = load_settings({}, str(_config(tmp_path, echo)))
     app = build_app(settings, build_stores(settings))  # OTEL_TRACES_EXPORTER unset: no tracer
+
+    async def sent(headers: dict[str, str]) -> tuple[list[str], list[str]]:
+        r = await client.get("/public/x", headers={"Host": HOST, **headers})
+        echoed = (await r.json())["headers"]
+        return (
+            [v for k, v in echoed if k.lower() == "traceparent"],
+            [v for k, v in echoed if k.lower() == "tracestate"],
+        )
+
     async with TestClient(TestServer(app)) as client:
         inbound = f"00-{TRACE_ID}-{PARENT_ID}-01"
-        r = await client.get("/public/x", headers={"Host": HOST, "traceparent": inbound})
-        sent = [v for k, v in (await r.json())["headers"] if k.lower() == "traceparent"]
-        assert sent == [inbound]
-        r = await client.get("/public/x", headers={"Host": HOST, "traceparent": "garbage"})
-        sent = [v for k, v in (await r.json())["headers"] if k.lower() == "traceparent"]
-        assert len(sent) == 1 and re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-00", sent[0])
+        parents, states = await sent({"traceparent": inbound, "tracestate": "acme=1"})
+        assert len(parents) == 1 and parents[0] != inbound
+        version, trace_id, span_id, flags = parents[0].split("-")
+        assert (version, trace_id, flags) == ("00", TRACE_ID, "01")
+        assert re.fullmatch(r"[0-9a-f]{16}", span_id) and span_id not in (PARENT_ID, "0" * 16)
+        assert states == ["acme=1"]
+        again, _ = await sent({"traceparent": inbound})
+        assert again[0].split("-")[2] != span_id  # one span id per request
+        for invalid in ("garbage", f"00-{'0' * 32}-{PARENT_ID}-01", f"00-{TRACE_ID}-{'0' * 16}-01"):
+            parents, states = await sent({"traceparent": invalid, "tracestate": "acme=1"})
+            assert len(parents) == 1, invalid
+            assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-00", parents[0]), invalid
+            assert TRACE_ID not in parents[0] and states == [], invalid
+        parents, _ = await sent({})
+        assert len(parents) == 1 and re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-00", parents[0])
+
+
+async def test_sampler_always_off_passes_the_clients_traceparent_unchanged(
+    echo: Echo, tmp_path: Path
+) -> None:
+    """CONTRACT §10: with ``always_off`` the proxy takes no part in the trace, whatever the
+    exporter: the client's traceparent goes upstream as received, and none when it sent none."""
+    settings = load_settings({"OTEL_TRACES_SAMPLER": "always_off"}, str(_config(tmp_path, echo)))
+    exporter = InMemorySpanExporter()
+    app = build_app(
+        settings, build_stores(settings), telemetry=Telemetry(settings.telemetry, exporter)
+    )
+    async with TestClient(TestServer(app)) as client:
+        inbound = f"00-{TRACE_ID}-{PARENT_ID}-01"
+        for sent, expected in (({"traceparent": inbound}, [inbound]), ({}, [])):
+            r = await client.get("/public/x", headers={"Host": HOST, **sent})
+            echoed = (await r.json())["headers"]
+            assert [v for k, v in echoed if k.lower() == "traceparent"] == expected
+    assert exporter.get_finished_spans() == ()
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -98,8 +98,8 @@ def wait_for(predicate: Callable[[], bool], deadline_s: float = 10.0) -> bool:
     return True
 
 
-def metric(admin_port: int, name: str) -> float:
-    """Sum of every sample of ``name`` on the admin listener's /metrics."""
+def metric(admin_port: int, name: str, **labels: str) -> float:
+    """Sum of every sample of ``name`` (with these label values) on the admin's /metrics."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -110,5 +110,5 @@ def metric(admin_port: int, name: str) -> float:
         s.value
         for family in text_string_to_metric_families(text)
         for s in family.samples
-        if s.name == name
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
     )

@@ -14,9 +14,11 @@ from proxy.core.forwarding import (
     IPNetwork,
     client_address,
     connection_named,
+    forwarded_origin,
     request_headers_to_forward,
     request_id,
     response_headers_to_return,
+    trusted_peer,
 )
 
 # RFC 9110 §7.6.1 and CONTRACT §7: removed both ways.
@@ -346,6 +348,50 @@ def test_client_address(
     expected: tuple[str, str],
 ) -> None:
     assert client_address(peer, xff, trusted) == expected
+
+
+@pytest.mark.parametrize(
+    ("believed", "proto", "host", "expected"),
+    [
+        # a trusted front's values are passed on as received, the port kept
+        (True, ["https"], ["shop.example:8443"], ("https", "shop.example:8443")),
+        (
+            True,
+            ["https", "http"],
+            ["a.example", "b.example"],
+            ("https, http", "a.example, b.example"),
+        ),
+        # what it left out is the proxy's own view
+        (True, [], ["shop.example"], ("http", "shop.example")),
+        (True, ["https"], [], ("https", "Videos.Acme.Test:8080")),
+        (True, [""], [""], ("http", "Videos.Acme.Test:8080")),
+        # a value aiohttp would alter on the way out is not passed on
+        (True, ["https\udcff"], ["x\udcff"], ("http", "Videos.Acme.Test:8080")),
+        # anyone else's are replaced
+        (False, ["https"], ["evil.example"], ("http", "Videos.Acme.Test:8080")),
+        (False, [], [], ("http", "Videos.Acme.Test:8080")),
+    ],
+)
+def test_forwarded_origin(
+    believed: bool, proto: list[str], host: list[str], expected: tuple[str, str]
+) -> None:
+    assert forwarded_origin(believed, proto, host, "http", "Videos.Acme.Test:8080") == expected
+
+
+@pytest.mark.parametrize(
+    ("peer", "expected"),
+    [
+        ("127.0.0.1", True),
+        ("::ffff:127.0.0.1", True),  # a dual-stack listener's spelling of the same peer
+        ("127.0.0.2", True),
+        ("10.0.0.1", False),
+        ("::1", False),
+        ("", False),
+        ("unix", False),
+    ],
+)
+def test_trusted_peer(peer: str, expected: bool) -> None:
+    assert trusted_peer(peer, LOOPBACK) is expected
 
 
 _ipv4 = st.ip_addresses(v=4)

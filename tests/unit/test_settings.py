@@ -331,6 +331,8 @@ def test_every_problem_names_the_file(tmp_path: Path) -> None:
         ({"REDIS_URL": "redis://r:6379/0?socket_timeout=5"}, "REDIS_URL: URL options"),
         ({"REDIS_URL": "redis://r:6379/cache"}, "REDIS_URL: the path names a database"),
         ({"REDIS_URL": "redis://r:port/0"}, "REDIS_URL: the port"),
+        ({"OTEL_SDK_DISABLED": "yes"}, "OTEL_SDK_DISABLED"),
+        ({"OTEL_SDK_DISABLED": "1"}, "OTEL_SDK_DISABLED"),
     ],
 )
 def test_bad_environment_names_the_variable(env: dict[str, str], key: str) -> None:
@@ -373,6 +375,15 @@ def test_bad_environment_names_the_variable(env: dict[str, str], key: str) -> No
 def test_environment(env: dict[str, str], expected: tuple[object, ...]) -> None:
     s = _parse(env=env)
     assert (s.database_url, s.redis_url, s.redis_mode, s.redis_sentinel_service) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "disabled"),
+    [(None, False), ("", False), ("false", False), ("true", True), (" TRUE ", True)],
+)
+def test_otel_sdk_disabled(value: str | None, disabled: bool) -> None:
+    env = {} if value is None else {"OTEL_SDK_DISABLED": value}
+    assert _parse(env=env).telemetry.sdk_disabled is disabled
 
 
 # --------------------------------------------------------------------------- load_settings
