@@ -112,6 +112,15 @@ def test_route_defaults() -> None:
     )
 
 
+def test_metered_route() -> None:
+    data = _with("routes.0.meter", "renders")
+    data["routes"][0]["audit"] = True
+    (route,) = _parse(data).routes
+    assert route.meter == "renders"
+    assert _parse().routes[0].meter is None
+    assert _parse().ratelimit.quota_lease_s == 900
+
+
 @pytest.mark.parametrize(
     ("listen", "expected"),
     [
@@ -251,6 +260,13 @@ def test_trusted_proxies_accept_v4_v6_and_host_bits() -> None:
         (_with("tenancy.platform_domains", ["flatrender..test"]), "tenancy.platform_domains"),
         (_with("tenancy.platform_domains", ["*.flatrender.test"]), "tenancy.platform_domains"),
         (_with("audit.spool_dir", ""), "audit.spool_dir"),
+        # render metering: a known meter, on an audited route (renders_started is written
+        # with the audit rows)
+        (_with("routes.0.meter", "render"), "routes[0].meter"),
+        (_with("routes.0.meter", True), "routes[0].meter"),
+        (_with("routes.0.meter", "renders"), "routes[0].meter"),
+        (_with("ratelimit.quota_lease_s", 0), "ratelimit.quota_lease_s"),
+        (_with("ratelimit.quota_lease_s", 1.5), "ratelimit.quota_lease_s"),
     ],
 )
 def test_bad_file_input_names_the_key(data: dict[str, Any], key: str) -> None:
