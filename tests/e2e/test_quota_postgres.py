@@ -17,6 +17,7 @@ import orjson
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.core.quota import seconds_in_month, seconds_until_next_month
 from proxy.migrate import apply_migrations
@@ -183,11 +184,30 @@ async def settles(get: Callable[[], Awaitable[int]], expected: int) -> None:
     await within(5, equal)
 
 
+async def quota_decisions(
+    http: aiohttp.ClientSession, proxies: list[Proxy]
+) -> Counter[tuple[int, str, str]]:
+    """``edge_quota_decisions_total`` by (proxy, worker, decision): a scrape of the
+    ``--workers 2`` proxy holds both workers' series."""
+    decisions: Counter[tuple[int, str, str]] = Counter()
+    for i, proxy in enumerate(proxies):
+        async with http.get(f"http://127.0.0.1:{proxy.admin_port}/metrics") as r:
+            for family in text_string_to_metric_families(await r.text()):
+                if family.name == "edge_quota_decisions":
+                    for sample in family.samples:
+                        if sample.name.endswith("_total"):
+                            labels = sample.labels
+                            key = (i, labels.get("worker", ""), labels["decision"])
+                            decisions[key] += int(sample.value)
+    return decisions
+
+
 async def test_quota_of_n_admits_exactly_n_of_a_burst_of_3n_over_three_processes(
     http: aiohttp.ClientSession, proxies: list[Proxy], db: asyncpg.Pool, echo: Echo
 ) -> None:
     n = 20
     tenant = await new_tenant(db, n)
+    before = await quota_decisions(http, proxies)
     # The upstream holds each render a moment: admissions overlap with reservations in flight.
     answers = await asyncio.gather(
         *(call(http, proxies[i % 2], tenant, "/v1/renders/slow?seconds=0.2") for i in range(3 * n))
@@ -206,6 +226,14 @@ async def test_quota_of_n_admits_exactly_n_of_a_burst_of_3n_over_three_processes
     # Metering agrees: renders_started is exactly the admitted renders, once each.
     await settles(lambda: renders_started(db, tenant), n)
     await settles(lambda: audited(db, tenant), 3 * n)
+    # /metrics: the decisions of all three processes add up to the burst.
+    made = await quota_decisions(http, proxies) - before
+    totals: Counter[str] = Counter()
+    for (_, _, decision), count in made.items():
+        totals[decision] += count
+    assert totals == Counter(admitted=n, refused=2 * n)
+    # Every process decided some: both workers of the first proxy, and the second proxy.
+    assert len({(proxy, worker) for proxy, worker, _ in made}) == 3
 
 
 async def test_failed_answers_and_refused_upstreams_give_the_unit_back(
