@@ -125,6 +125,10 @@ def _ms(text: str) -> float:
 
 
 def run_wrk(wrk: str, url: str, seconds: int, connections: int, headers: list[str]) -> Result:
+    headers, script = (
+        [h for h in headers if h != POST],
+        [a for h in headers if h == POST for a in ("-s", POST_SCRIPT)],
+    )
     cmd = [
         "taskset",
         "-c",
@@ -134,6 +138,7 @@ def run_wrk(wrk: str, url: str, seconds: int, connections: int, headers: list[st
         f"-c{connections}",
         f"-d{seconds}s",
         "--latency",
+        *script,
         *[a for h in headers for a in ("-H", h)],
         url,
     ]
@@ -250,6 +255,59 @@ async def seed(dsn: str) -> None:
         await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
     finally:
         await conn.close()
+
+
+# -- the render quota's cost: POSTs on a metered route against the same route unmetered ------
+
+POST = "<POST>"  # a pseudo-header of run_wrk: send POSTs (wrk's -s with POST_SCRIPT)
+POST_SCRIPT = str(ROOT / "loadtests" / "wrk_post.lua")
+METER_ROUTES = (
+    '[[routes]]\nprefix = "/v1/unmetered"\nupstream = "fast"\nauth = "api_key"\n'
+    'audit = true\nscopes = { POST = "renders:create" }\n'
+    '[[routes]]\nprefix = "/v1/metered"\nupstream = "fast"\nauth = "api_key"\n'
+    'audit = true\nscopes = { POST = "renders:create" }\nmeter = "renders"\n'
+)
+
+
+async def seed_quota(dsn: str) -> None:
+    """A quota the bench never reaches: every metered POST is a Redis reservation and a keep."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "UPDATE identity.tenants SET monthly_render_qty = 2000000000 WHERE id = $1", TENANT
+        )
+    finally:
+        await conn.close()
+
+
+def add_meter_scenarios(
+    scenarios: dict[str, tuple[str, list[str]]],
+    owner: dict[str, int],
+    ports: dict[str, int],
+    pids: dict[str, int],
+    full: list[str],
+) -> None:
+    """(c post) and (c post metered): the full pipeline's POST, without and with the quota;
+    named (c ...) so the per-request audit and Redis figures of (c) count them too."""
+    suffix = next(iter(ports))
+    for name, path in (("c post", "/v1/unmetered/x"), ("c post metered", "/v1/metered/x")):
+        scenarios[f"{name}{suffix}"] = (f"http://127.0.0.1:{ports[suffix]}{path}", [*full, POST])
+        owner[f"{name}{suffix}"] = pids[suffix]
+
+
+def report_meter(results: dict[str, list[Result]]) -> None:
+    (plain,) = [rs for n, rs in results.items() if n.startswith("c post") and "metered" not in n]
+    (metered,) = [rs for n, rs in results.items() if n.startswith("c post metered")]
+    ratio = statistics.median(r.rps for r in metered) / statistics.median(r.rps for r in plain)
+    cpu = [
+        statistics.median(c for r in rs if (c := r.cpu_us) is not None) for rs in (plain, metered)
+    ]
+    print(
+        f"  render quota: metered/unmetered POST throughput = {ratio:.2f} "
+        f"(proxy CPU {cpu[1]:.0f} against {cpu[0]:.0f} us/req)"
+    )
 
 
 async def audit_rows(dsn: str) -> int:
@@ -400,6 +458,7 @@ def main() -> None:
         rd.start()
         dsn = pg.create_database("bench")
         asyncio.run(seed(dsn))
+        asyncio.run(seed_quota(dsn))
         up_port = free_port()
         upstream = pinned(LOAD_CORE, py, "loadtests/fast_upstream.py", "--port", str(up_port))
         procs.append(upstream)
@@ -423,7 +482,7 @@ def main() -> None:
             f'[upstreams.fast]\nurls = ["http://127.0.0.1:{up_port}"]\n'
             '[[routes]]\nprefix = "/plain"\nupstream = "fast"\nauth = "none"\n'
             '[[routes]]\nprefix = "/v1/renders"\nupstream = "fast"\nauth = "api_key"\n'
-            'audit = true\nscopes = { GET = "renders:read" }\n'
+            'audit = true\nscopes = { GET = "renders:read" }\n' + METER_ROUTES
         )
         env = {**os.environ, "DATABASE_URL": dsn, "REDIS_URL": rd.url}
         # The proxy's access log (on by default) goes to a file, as a drained log would.
@@ -449,6 +508,7 @@ def main() -> None:
             scenarios[f"b plain{suffix}"] = (f"http://127.0.0.1:{p}/plain/x", [f"Host: {HOST}"])
             scenarios[f"c full{suffix}"] = (f"http://127.0.0.1:{p}/v1/renders/x", full)
             owner[f"b plain{suffix}"] = owner[f"c full{suffix}"] = pids[suffix]
+        add_meter_scenarios(scenarios, owner, ports, pids, full)
         foreign = ForeignLoad()
         foreign.start()
         for url, headers in scenarios.values():  # warm-up: caches, pools
@@ -501,6 +561,7 @@ def main() -> None:
             executed / full_requests,
             latency,
         )
+        report_meter(results)
         if warning := foreign.warning():
             print(warning)
     finally:

@@ -326,11 +326,18 @@ class RedisQuotaStore:
         self._send(tenant_id, month, [COMMIT, 0, 0, 0, 0, NO_COUNT, n], keep=True)
 
     def _send(self, tenant_id: str, month: str, args: list[int], *, keep: bool = False) -> None:
-        """A settlement in the background; a kept unit that Redis did not get waits for it."""
-        task = asyncio.ensure_future(self._call(quota_keys(tenant_id, month), args))
-        self._tasks.add(task)
+        """A settlement in the background, answered through a callback (no task per call;
+        the deadline is one timer); a kept unit that Redis did not get waits for it."""
+        try:
+            reply = self._client.run(quota_keys(tenant_id, month), args)
+        except Exception as e:  # the client refused the call outright
+            reply = asyncio.get_running_loop().create_future()
+            reply.set_exception(e)
+        timer = asyncio.get_running_loop().call_later(self._deadline, reply.cancel)
+        self._tasks.add(reply)
 
         def done(t: asyncio.Future[Any]) -> None:
+            timer.cancel()
             self._tasks.discard(t)
             error = None if t.cancelled() else t.exception()
             if t.cancelled() or error is not None:
@@ -341,7 +348,7 @@ class RedisQuotaStore:
                     self._client.reset()
                     self._trip(error or TimeoutError("no answer within the deadline"))
 
-        task.add_done_callback(done)
+        reply.add_done_callback(done)
 
     def _trip(self, error: BaseException) -> None:
         if self._open:
