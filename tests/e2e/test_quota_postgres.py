@@ -256,6 +256,33 @@ async def test_failed_answers_and_refused_upstreams_give_the_unit_back(
     await settles(lambda: renders_started(db, tenant), 3)
 
 
+async def test_a_client_that_leaves_before_the_answer_gives_the_unit_back(
+    http: aiohttp.ClientSession, proxies: list[Proxy], db: asyncpg.Pool, echo: Echo
+) -> None:
+    tenant = await new_tenant(db, 1)
+    rid = str(uuid.uuid4())
+    _, writer = await asyncio.open_connection("127.0.0.1", proxies[1].port)
+    writer.write(
+        f"POST /v1/renders/slow?seconds=5 HTTP/1.1\r\nHost: {tenant.host}\r\n"
+        f"X-API-Key: {tenant.key}\r\nX-Request-Id: {rid}\r\nContent-Length: 0\r\n\r\n".encode()
+    )
+    await writer.drain()
+
+    async def upstream_has_it() -> bool:
+        return await reached_upstream(http, echo, [rid]) == 1
+
+    await within(5, upstream_has_it)
+    # The unit is held while the upstream works on it.
+    assert (await call(http, proxies[0], tenant)).code == "render_quota_exceeded"
+    writer.close()  # the client leaves before the upstream's answer began
+    await writer.wait_closed()
+
+    async def given_back() -> bool:
+        return (await call(http, proxies[0], tenant)).status == 200
+
+    assert await within(1.0, given_back) <= 1.0
+
+
 async def test_other_methods_and_routes_are_neither_counted_nor_refused(
     http: aiohttp.ClientSession, proxies: list[Proxy], db: asyncpg.Pool
 ) -> None:
