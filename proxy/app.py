@@ -47,6 +47,7 @@ from proxy.stores.base import (
     BucketStore,
     ChallengeStore,
     KeyStore,
+    QuotaStore,
     TenantStore,
     UsageSink,
 )
@@ -146,7 +147,7 @@ def store_metrics(stores: Stores) -> Callable[[], Iterable[Metric]]:
     return read
 
 
-def quota_metrics(quotas: MemoryQuotaStore | RedisQuotaStore) -> Iterator[Metric]:
+def quota_metrics(quotas: QuotaStore) -> Iterator[Metric]:
     c = quotas.counters
     yield counter(
         "edge_quota_decisions",
@@ -207,7 +208,7 @@ class Stores:
     usage: UsageSink
     identity: CachedIdentityStore | None = None  # the Postgres-backed store, when configured
     limits: LimitCounters = field(default_factory=LimitCounters)
-    quotas: MemoryQuotaStore | RedisQuotaStore = field(default_factory=MemoryQuotaStore)
+    quotas: QuotaStore = field(default_factory=MemoryQuotaStore)
 
     async def start(self) -> None:
         await self.buckets.start()
@@ -256,7 +257,7 @@ def build_buckets(settings: Settings) -> BucketStore:
     )
 
 
-def build_quotas(settings: Settings, rebuild: RebuildSource) -> MemoryQuotaStore | RedisQuotaStore:
+def build_quotas(settings: Settings, rebuild: RebuildSource) -> QuotaStore:
     """Monthly render quotas: in Redis when ``REDIS_URL`` is set, else in process."""
     r = settings.ratelimit
     if settings.redis_url is None:

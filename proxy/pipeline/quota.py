@@ -37,6 +37,7 @@ def quota_stage(
         limit = tenant.monthly_render_qty
         reservation = None
         if limit is not None:
+            limit = max(0, limit)  # the column allows a negative figure: it admits none
             with telemetry.span("edge.quota"):
                 decision = await quotas.reserve(tenant.id, limit, now)
             items = quota_items(limit, decision.left, now)

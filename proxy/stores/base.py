@@ -15,7 +15,7 @@ from proxy.core.bucket import Decision
 from proxy.core.tenancy import Tenant
 
 if TYPE_CHECKING:
-    from proxy.stores.quota import QuotaDecision, Reservation
+    from proxy.stores.quota import QuotaCounters, QuotaDecision, Reservation
 
 
 class TenantStore(Protocol):
@@ -53,6 +53,8 @@ class BucketStore(Protocol):
 
 class QuotaStore(Protocol):
     """Monthly render quota (CONTRACT §13): reserve at admission, settle on the answer."""
+
+    counters: QuotaCounters  # decisions and settlements, read by /metrics
 
     async def reserve(self, tenant_id: str, quota: int, now: datetime) -> QuotaDecision:
         """A unit of ``quota`` for ``now``'s UTC month, if one is free."""

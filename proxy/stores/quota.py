@@ -257,6 +257,8 @@ class RedisQuotaStore:
             self._send(tenant_id, month, [RELEASE, 0, rid, 0, expires, NO_COUNT, 0])
             return await self._degraded(tenant_id, quota, now)
         self._last_used[tenant_id] = (month, count + held)
+        if self._outage_used:  # admissions made without Redis are behind us
+            self._outage_used.pop(tenant_id, None)
         if admitted != 1:
             self.counters.refused += 1
             return QuotaDecision(False, remaining(quota, count, held), None)

@@ -309,6 +309,11 @@ async def test_null_is_unlimited_and_zero_allows_none(
     refused = await call(http, proxies[1], none)
     assert refused.code == "render_quota_exceeded"
     assert await reached_upstream(http, echo, [refused.rid]) == 0
+    # A negative figure (the column allows one) is no quota at all either, shown as 0.
+    negative = await new_tenant(db, -3)
+    refused = await call(http, proxies[0], negative)
+    assert refused.code == "render_quota_exceeded"
+    assert refused.headers["RateLimit-Policy"].startswith('"renders";q=0;')
 
 
 async def test_headers_follow_the_keys_and_a_refusal_spends_no_token(
