@@ -21,11 +21,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import asyncpg
 
 from proxy.settings import ConfigError, Settings, load_settings, parse_host_port
+
+_T = TypeVar("_T")
 
 if TYPE_CHECKING:
     from proxy.domains.challenge import Method
@@ -207,7 +209,6 @@ MONTHS_AHEAD_MAX = 120  # ten years: a typo must not create thousands of tables
 
 def _partitions(args: argparse.Namespace) -> int:
     from proxy.audit.partitions import Partition, ensure_partition, month_of, months_from
-    from proxy.migrate import MigrationError, close_connection, open_connection
 
     text = args.months_ahead.strip()
     if not text.isdigit() or int(text) > MONTHS_AHEAD_MAX:
@@ -220,23 +221,10 @@ def _partitions(args: argparse.Namespace) -> int:
         raise ConfigError("DATABASE_URL: required by partitions")
     months = months_from(month_of(datetime.now(UTC)), int(text))
 
-    async def run() -> list[Partition]:
-        conn = await open_connection(dsn)
-        try:
-            return [await ensure_partition(conn, m) for m in months]
-        finally:
-            await close_connection(conn)
+    async def ensure(conn: asyncpg.Connection) -> list[Partition]:
+        return [await ensure_partition(conn, m) for m in months]
 
-    try:
-        made = asyncio.run(run())
-    except MigrationError as e:
-        raise ConfigError(str(e)) from None
-    except (asyncpg.InvalidSchemaNameError, asyncpg.UndefinedFunctionError):
-        raise ConfigError("database not migrated: run `python -m proxy migrate` first") from None
-    except asyncpg.PostgresError as e:
-        raise ConfigError(f"database refused: {' '.join(str(e).split())}") from None
-    except (OSError, TimeoutError, asyncpg.InterfaceError) as e:
-        raise ConfigError(f"database connection lost: {type(e).__name__}") from None
+    made = _on_database(dsn, ensure)
     for p in made:
         print(f"{'created' if p.created else 'exists'} identity.{p.name}")
     return 0
@@ -296,8 +284,7 @@ def _grace(text: str) -> timedelta:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from proxy.migrate import MigrationError, close_connection, open_connection
-    from proxy.stores.keyadmin import KeyAdminError, create_key, revoke_key, rotate_key
+    from proxy.stores.keyadmin import create_key, revoke_key, rotate_key
 
     dsn = os.environ.get("DATABASE_URL")
     if not dsn:
@@ -312,31 +299,22 @@ def _keys(args: argparse.Namespace) -> int:
         if args.keys_command == "rotate":
             grace = _grace(args.grace)
 
-    async def run() -> dict[str, object]:
-        conn = await open_connection(dsn)
-        try:
-            if args.keys_command in ("create", "rotate"):
-                if args.keys_command == "create":
-                    new = await create_key(conn, **fields)
-                else:
-                    new = await rotate_key(conn, key_id, grace, datetime.now(UTC))
-                return {
-                    "id": new.id,
-                    "key": new.key,
-                    "key_prefix": new.key_prefix,
-                    "last4": new.last4,
-                }
-            revoked_at = await revoke_key(conn, key_id, args.reason)
-            return {"id": key_id, "revoked_at": revoked_at.isoformat()}
-        finally:
-            await close_connection(conn)
+    async def run(conn: asyncpg.Connection) -> dict[str, object]:
+        if args.keys_command in ("create", "rotate"):
+            if args.keys_command == "create":
+                new = await create_key(conn, **fields)
+            else:
+                new = await rotate_key(conn, key_id, grace, datetime.now(UTC))
+            return {
+                "id": new.id,
+                "key": new.key,
+                "key_prefix": new.key_prefix,
+                "last4": new.last4,
+            }
+        revoked_at = await revoke_key(conn, key_id, args.reason)
+        return {"id": key_id, "revoked_at": revoked_at.isoformat()}
 
-    try:
-        result = asyncio.run(run())
-    except (MigrationError, KeyAdminError) as e:
-        raise ConfigError(str(e)) from None
-    except asyncpg.PostgresError as e:
-        raise ConfigError(f"database refused: {' '.join(str(e).split())}") from None
+    result = _on_database(dsn, run)
     print(json.dumps(result))
     return 0
 
@@ -359,11 +337,13 @@ def _domains(args: argparse.Namespace) -> int:
         refusal = domain_refusal(domain, settings.tenancy.platform_domains)
         if refusal is not None:
             raise ConfigError(f"--domain: {refusal}")
-        lines = _run_db(
+        lines = _on_database(
             settings.database_url, lambda conn: _domains_add(conn, args, domain, settings)
         )
     else:
-        lines = _run_db(settings.database_url, lambda conn: _domains_check(conn, domain, settings))
+        lines = _on_database(
+            settings.database_url, lambda conn: _domains_check(conn, domain, settings)
+        )
     for line in lines:
         print(json.dumps(line))
     return 0
@@ -416,14 +396,13 @@ async def _domains_check(
     return [r.as_json() for r in reports]
 
 
-def _run_db(
-    dsn: str, work: Callable[[asyncpg.Connection], Awaitable[list[dict[str, object]]]]
-) -> list[dict[str, object]]:
-    """``work`` on one connection; every database failure is one line (CONTRACT §1)."""
+def _on_database(dsn: str, work: Callable[[asyncpg.Connection], Awaitable[_T]]) -> _T:
+    """``work`` on one connection of its own; every failure is one line (CONTRACT §1)."""
     from proxy.domains.store import DomainRefused
     from proxy.migrate import MigrationError, close_connection, open_connection
+    from proxy.stores.keyadmin import KeyAdminError
 
-    async def run() -> list[dict[str, object]]:
+    async def run() -> _T:
         conn = await open_connection(dsn)
         try:
             return await work(conn)
@@ -432,9 +411,13 @@ def _run_db(
 
     try:
         return asyncio.run(run())
-    except (MigrationError, DomainRefused) as e:
+    except (MigrationError, KeyAdminError, DomainRefused) as e:
         raise ConfigError(str(e)) from None
-    except (asyncpg.InvalidSchemaNameError, asyncpg.UndefinedTableError):
+    except (
+        asyncpg.InvalidSchemaNameError,
+        asyncpg.UndefinedFunctionError,
+        asyncpg.UndefinedTableError,
+    ):
         raise ConfigError("database not migrated: run `python -m proxy migrate` first") from None
     except asyncpg.PostgresError as e:
         raise ConfigError(f"database refused: {' '.join(str(e).split())}") from None

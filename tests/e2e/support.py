@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -51,3 +54,24 @@ def seeded_database(
 
     asyncio.run(run())
     return url
+
+
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+async def run_cli(*args: str, env: Mapping[str, str]) -> tuple[int, str, str]:
+    """``python -m proxy ARGS`` in the repository, with ``env`` over a copy of this process's
+    environment without its DATABASE_URL and EDGE_CONFIG: (exit status, stdout, stderr)."""
+    base = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "EDGE_CONFIG")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        *args,
+        cwd=_ROOT,
+        env={**base, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode(), err.decode()

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,8 +22,8 @@ import psutil
 import pytest
 
 from tests.dnsserver import LoopbackDns
-from tests.e2e.support import seeded_database, within
-from tests.procs import ROOT, Echo, Proxy, free_port, start_proxy, stop, write_config
+from tests.e2e.support import run_cli, seeded_database, within
+from tests.procs import Echo, Proxy, free_port, start_proxy, stop, write_config
 from tests.servers import PostgresServer
 
 ACME = "dddddddd-0000-0000-0000-000000000001"
@@ -77,19 +75,12 @@ def proxy(
 
 async def cli(proxy: Proxy, *args: str) -> tuple[int, list[dict[str, object]], str]:
     """``python -m proxy ARGS`` with the proxy's configuration and database."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        *args,
-        cwd=ROOT,
-        env={**os.environ, **proxy.env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    lines = [json.loads(line) for line in out.decode().splitlines()]
-    return proc.returncode or 0, lines, err.decode()
+    return await _cli_env(proxy.env, *args)
+
+
+async def _cli_env(env: dict[str, str], *args: str) -> tuple[int, list[dict[str, object]], str]:
+    code, out, err = await run_cli(*args, env=env)
+    return code, [json.loads(line) for line in out.splitlines()], err
 
 
 def _domain() -> str:
@@ -426,32 +417,14 @@ async def test_replace_moves_a_verified_tenant_to_a_new_domain(
 
 async def test_check_errors_are_one_line(proxy: Proxy, dsn: str) -> None:
     dead = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
+    dead_db = {"DATABASE_URL": dead, "EDGE_CONFIG": proxy.env["EDGE_CONFIG"]}
     results = await asyncio.gather(
         cli(proxy, "domains", "check", "--domain", "not a domain"),
         cli(proxy, "domains", "check", "--bogus"),
-        _cli_env({"DATABASE_URL": dead, "EDGE_CONFIG": proxy.env["EDGE_CONFIG"]}, "check"),
-        _cli_env({"DATABASE_URL": dead, "EDGE_CONFIG": proxy.env["EDGE_CONFIG"]}, "add"),
-        _cli_env({"EDGE_CONFIG": proxy.env["EDGE_CONFIG"]}, "check"),
+        _cli_env(dead_db, "domains", "check"),
+        _cli_env(dead_db, "domains", "add", "--tenant", "acme", "--domain", "x.acme.test"),
+        _cli_env({"EDGE_CONFIG": proxy.env["EDGE_CONFIG"]}, "domains", "check"),
     )
     for code, out, err in results:
         assert (code, out) == (2, [])
         assert err.count("\n") == 1 and "Traceback" not in err, err
-
-
-async def _cli_env(env: dict[str, str], command: str) -> tuple[int, list[dict[str, object]], str]:
-    args = ["domains", command]
-    if command == "add":
-        args += ["--tenant", "acme", "--domain", "x.acme.test"]
-    base = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "EDGE_CONFIG")}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        *args,
-        cwd=ROOT,
-        env={**base, **env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, [json.loads(x) for x in out.decode().splitlines()], err.decode()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,8 +14,8 @@ import asyncpg
 import pytest
 
 from proxy.stores.keyadmin import create_key
-from tests.e2e.support import seeded_database, within
-from tests.procs import ROOT, Echo, Proxy, start_proxy, stop, write_config
+from tests.e2e.support import run_cli, seeded_database, within
+from tests.procs import Echo, Proxy, start_proxy, stop, write_config
 from tests.servers import PostgresServer
 
 ACME = "eeeeeeee-0000-0000-0000-000000000001"
@@ -77,20 +75,8 @@ async def mint(
 
 
 async def rotate(proxy: Proxy, *args: str) -> tuple[int, dict[str, str] | None, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "keys",
-        "rotate",
-        *args,
-        cwd=ROOT,
-        env={**os.environ, **proxy.env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, json.loads(out) if out.strip() else None, err.decode()
+    code, out, err = await run_cli("keys", "rotate", *args, env=proxy.env)
+    return code, json.loads(out) if out.strip() else None, err
 
 
 async def status(http: aiohttp.ClientSession, proxy: Proxy, key: str) -> tuple[int, str | None]:
