@@ -25,6 +25,7 @@ ALL = [
     "002_identity_tenants.sql",
     "003_edge_invalidation.sql",
     "004_edge_audit.sql",
+    "005_edge_outbox.sql",
 ]
 DEFAULT_TENANT = uuid.UUID("00000000-0000-0000-0000-000000000001")
 IDENTITY_TABLES = {
