@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     rotate.add_argument("key_id", metavar="KEY_ID")
     rotate.add_argument("--grace", default="24h", help="90s, 15m, 24h, 7d or 0 (at most 30d)")
     _domains_parser(sub)
+    from proxy.webhooks.cli import add_commands as add_webhook_commands
+
+    add_webhook_commands(sub)
     return parser
 
 
@@ -441,6 +444,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _partitions(args)
         if args.command == "domains":
             return _domains(args)
+        if args.command in ("events", "webhooks"):
+            from proxy.webhooks import cli
+
+            return cli.events(args) if args.command == "events" else cli.webhooks(args)
         return _migrate(args)
     except ConfigError as e:
         for problem in e.problems:

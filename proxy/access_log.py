@@ -88,6 +88,14 @@ class AccessLog:
             _dumps(round(ctx.upstream_s * 1000, 3)),
             bytes_sent,
         )
+        self._append(line)
+
+    def write(self, entry: dict[str, object]) -> None:
+        """A line of another kind (the webhook dispatcher's line per attempt), off the
+        request path: a plain dict is cheap enough there."""
+        self._append(orjson.dumps({"time": self._stamp().decode(), **entry}) + b"\n")
+
+    def _append(self, line: bytes) -> None:
         self._lines.append(line)
         self._size += len(line)
         if self._size >= self._batch_bytes:

@@ -65,6 +65,7 @@ from proxy.stores.redis import RedisBucketStore, make_client
 from proxy.stores.usage import NoUsage, UsageRecorder
 from proxy.telemetry import Telemetry, counter, gauge, gauges
 from proxy.upstreams import Routing
+from proxy.webhooks.runner import webhook_jobs
 from proxy.worker_metrics import WorkerSet, all_workers, serve_own
 
 log = logging.getLogger("proxy")
@@ -476,6 +477,9 @@ async def serve(
         exposition = web.Application()
         exposition.router.add_get("/metrics", own)
         own_metrics = await serve_own(workers, exposition)
+    webhooks = webhook_jobs(settings, telemetry)
+    if webhooks is not None:
+        await webhooks.start()
     log.warning("listening on %s, admin on %s (pid %d)", s.listen, s.admin_listen, os.getpid())
     verifier = await start_verifier(settings, telemetry, utc_now)  # CONTRACT §12
     freeze_startup_objects()
@@ -493,6 +497,8 @@ async def serve(
         await verifier.close()
     log.warning("shutting down: draining in-flight requests")
     listener.close()  # stop accepting; the runner then drains the open connections
+    if webhooks is not None:
+        await webhooks.stop()
     await runner.cleanup()
     await admin.cleanup()
     if own_metrics is not None:

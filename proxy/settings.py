@@ -154,6 +154,25 @@ class DomainsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class WebhookSettings:
+    """Delivery of events to the tenants' webhooks (CONTRACT §11); database mode only."""
+
+    # Every `serve` in database mode runs a dispatcher; false leaves it to `webhooks run`.
+    enabled: bool = True
+    timeout_s: float = 15.0
+    # A claimed attempt is made again by any dispatcher after this (its maker died); must
+    # exceed timeout_s, or an attempt still in flight could be claimed a second time.
+    lease_s: float = 20.0
+    retry_schedule_s: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
+    disable_after_failures: int = 20
+    max_in_flight_per_webhook: int = 4
+    max_in_flight: int = 256
+    allow_http: bool = False
+    allow_networks: tuple[IPNetwork, ...] = ()
+    retention_days: int = 30
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamSettings:
     name: str
     urls: tuple[str, ...]
@@ -187,6 +206,7 @@ class Settings:
     config_path: Path
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     domains: DomainsSettings = field(default_factory=DomainsSettings)
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     database_url: str | None = None
     redis_url: str | None = None
     redis_mode: Literal["standalone", "cluster", "sentinel"] = "standalone"
@@ -543,6 +563,43 @@ def _domains(t: _Table) -> DomainsSettings:
     return s
 
 
+def _webhooks(t: _Table) -> WebhookSettings:
+    d = WebhookSettings()
+    timeout = t.positive("timeout_s", d.timeout_s)
+    schedule = t._get(
+        "retry_schedule_s",
+        d.retry_schedule_s,
+        lambda v: (
+            isinstance(v, list | tuple)
+            and all(isinstance(i, int | float) and not isinstance(i, bool) and i > 0 for i in v)
+        ),
+        "a list of positive numbers",
+    )
+    networks = t.str_list("allow_networks", ())
+    s = WebhookSettings(
+        enabled=t.flag("enabled", d.enabled),
+        timeout_s=timeout,
+        lease_s=t.positive("lease_s", timeout + 5),
+        retry_schedule_s=tuple(float(i) for i in schedule),
+        disable_after_failures=t.positive_int("disable_after_failures", d.disable_after_failures),
+        max_in_flight_per_webhook=t.positive_int(
+            "max_in_flight_per_webhook", d.max_in_flight_per_webhook
+        ),
+        max_in_flight=t.positive_int("max_in_flight", d.max_in_flight),
+        allow_http=t.flag("allow_http", d.allow_http),
+        allow_networks=t.checked(
+            "allow_networks",
+            d.allow_networks,
+            lambda: tuple(_parse_cidr(c, t.key("allow_networks")) for c in networks),
+        ),
+        retention_days=t.positive_int("retention_days", d.retention_days),
+    )
+    if s.lease_s <= s.timeout_s:
+        t.problem("lease_s", f"must exceed timeout_s ({s.timeout_s:g}), got {s.lease_s:g}")
+    t.finish()
+    return s
+
+
 def _upstream(name: str, t: _Table) -> UpstreamSettings:
     urls = t.str_list("urls", ())
     if not urls:
@@ -619,6 +676,7 @@ def parse_settings(data: Mapping[str, Any], env: Mapping[str, str], config_path:
 
     telemetry = root.section("telemetry", lambda t: _telemetry(t, env), TelemetrySettings())
     domains = root.section("domains", _domains, DomainsSettings())
+    webhooks = root.section("webhooks", _webhooks, WebhookSettings())
     up_root = root.table("upstreams")
     # An upstream with a problem keeps its name, so that its routes do not report it unknown.
     upstreams = {
@@ -667,6 +725,7 @@ def parse_settings(data: Mapping[str, Any], env: Mapping[str, str], config_path:
         config_path=config_path,
         telemetry=telemetry,
         domains=domains,
+        webhooks=webhooks,
         database_url=database_url,
         redis_url=redis_url,
         redis_mode=redis_mode,  # type: ignore[arg-type]

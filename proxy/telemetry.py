@@ -142,6 +142,18 @@ class Telemetry:
             registry=self.registry,
         )
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._webhook_attempts = Counter(
+            "edge_webhook_attempts",
+            "Webhook delivery attempts made, by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self._webhook_latency = Histogram(
+            "edge_webhook_attempt_duration_seconds",
+            "Time from sending a webhook request to its answer (or failure)",
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
 
     # -- tracing
 
@@ -200,6 +212,14 @@ class Telemetry:
 
     def upstream_error(self, upstream: str, kind: str) -> None:
         self._upstream_errors.labels(upstream, kind).inc()
+
+    def webhook_attempt(self, outcome: str, seconds: float | None) -> None:
+        """``outcome``: success, http_error, timeout, connection_failed,
+        destination_not_allowed (a bounded set: never the status or the URL); ``seconds``
+        None when nothing was sent."""
+        self._webhook_attempts.labels(outcome).inc()
+        if seconds is not None:
+            self._webhook_latency.observe(seconds)
 
     def collect_from(self, read: Callable[[], Iterable[Metric]]) -> None:
         """Register figures read at scrape time (counters the stores keep anyway)."""

@@ -256,8 +256,10 @@ class ChangeListener:
         *,
         timeout_s: float,
         ping_interval_s: float = 5.0,
+        channel: str = CHANNEL,
     ) -> None:
         self._dsn = dsn
+        self._channel = channel
         self._on_change = on_change
         self._on_reconnect = on_reconnect
         self._timeout = timeout_s
@@ -282,7 +284,7 @@ class ChangeListener:
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _c: lost.set())
         try:
-            await conn.add_listener(CHANNEL, self._notified)
+            await conn.add_listener(self._channel, self._notified)
             self._on_reconnect()
             self.reconnects += 1
             self.connected.set()
