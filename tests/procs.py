@@ -97,7 +97,9 @@ def write_config(
     server: Mapping[str, Any] | None = None,
     tenancy: Mapping[str, Any] | None = None,
     domains: Mapping[str, Any] | None = None,
+    sections: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
+    """``sections``: further tables by name (``{"webhooks": {...}}``)."""
     lines = ["[server]"] + [f"{k} = {_toml(v)}" for k, v in (server or {}).items()]
     tenancy = {"embedded_file": str(ROOT / "config" / "tenants.toml"), **(tenancy or {})}
     lines += ["[tenancy]"] + [f"{k} = {_toml(v)}" for k, v in tenancy.items()]
@@ -109,6 +111,8 @@ def write_config(
         lines += [f'[upstreams."{name}"]'] + [f"{k} = {_toml(v)}" for k, v in up.items()]
     for route in routes:
         lines += ["[[routes]]"] + [f"{k} = {_toml(v)}" for k, v in route.items()]
+    for name, table in (sections or {}).items():
+        lines += [f"[{name}]"] + [f"{k} = {_toml(v)}" for k, v in table.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -257,9 +257,11 @@ class ChangeListener:
         timeout_s: float,
         ping_interval_s: float = 5.0,
         channel: str = CHANNEL,
+        application_name: str = LISTENER_NAME,
     ) -> None:
         self._dsn = dsn
         self._channel = channel
+        self._application_name = application_name
         self._on_change = on_change
         self._on_reconnect = on_reconnect
         self._timeout = timeout_s
@@ -279,7 +281,7 @@ class ChangeListener:
         conn: asyncpg.Connection = await asyncpg.connect(
             self._dsn,
             timeout=self._timeout,
-            server_settings={"application_name": LISTENER_NAME},
+            server_settings={"application_name": self._application_name},
         )
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _c: lost.set())

@@ -24,6 +24,8 @@ import aiohttp
 from opentelemetry.trace import SpanKind
 
 from proxy.access_log import AccessLog
+from proxy.background import Job
+from proxy.core.backoff import backoff_s
 from proxy.core.schedules import webhook_retry_delay
 from proxy.settings import WebhookSettings
 from proxy.stores.postgres import DB_ERRORS
@@ -49,7 +51,7 @@ def outcome_label(error: str | None) -> str:
     return "http_error" if error.startswith("http_") else error
 
 
-class Dispatcher:
+class Dispatcher(Job):
     def __init__(
         self,
         store: DeliveryStore,
@@ -64,6 +66,7 @@ class Dispatcher:
         access_log: AccessLog | None = None,
         poll_s: float = POLL_S,
     ) -> None:
+        super().__init__("webhook-dispatcher")
         self._store = store
         self._session = session
         self._policy = policy
@@ -75,7 +78,6 @@ class Dispatcher:
         self._access_log = access_log
         self._poll_s = poll_s
         self._wake = asyncio.Event()
-        self._stopping = False
         self._in_flight: set[asyncio.Task[None]] = set()
         self._per_webhook: Counter[str] = Counter()
         self.attempts: Counter[str] = Counter()  # by outcome label
@@ -91,8 +93,8 @@ class Dispatcher:
     async def run(self) -> None:
         """Claim and start attempts until ``stop``; database failures back off and retry."""
         s = self._settings
-        backoff = 0.1
-        while not self._stopping:
+        outage = 0
+        while not self.stopping:
             self._wake.clear()  # before the claim: a NOTIFY during it is not lost
             room = s.max_in_flight - len(self._in_flight)
             claimed: list[Claim] = []
@@ -115,22 +117,27 @@ class Dispatcher:
                     due_in = await self._store.next_due_in(full)
                     if due_in is not None:
                         wait = min(wait, max(due_in, _MIN_WAIT_S))
-                backoff = 0.1
+                outage = 0
+                self.succeeded()
             except DB_ERRORS as e:
+                outage += 1
                 self.db_errors += 1
+                wait = backoff_s(outage, base_s=0.1, cap_s=5.0, jitter=self._random())
                 log.warning("webhook dispatcher: database unavailable (%s)", type(e).__name__)
-                wait, backoff = backoff, min(backoff * 2, 5.0)
-            if not self._stopping:
+            if not self.stopping:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), wait)
 
-    async def stop(self, grace_s: float) -> None:
-        """Stop claiming and give the attempts in flight ``grace_s`` to finish and be recorded;
-        any left are abandoned to their lease (made again by whichever dispatcher comes)."""
-        self._stopping = True
-        self._wake.set()
+    async def stop(self) -> None:
+        self._wake.set()  # the loop waits on this, not on the base's stop event
+        await super().stop()
+
+    async def finish(self) -> None:
+        """Give the attempts in flight ``timeout_s`` (and a second to record) to finish; any
+        left are abandoned to their lease, made again by whichever dispatcher comes next."""
         if self._in_flight:
-            _done, pending = await asyncio.wait(set(self._in_flight), timeout=grace_s)
+            grace = self._settings.timeout_s + 1
+            _done, pending = await asyncio.wait(set(self._in_flight), timeout=grace)
             for task in pending:
                 task.cancel()
             if pending:

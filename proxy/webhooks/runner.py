@@ -1,9 +1,7 @@
 """The webhook background jobs of one process: the dispatcher, its LISTEN connection, retention
 and the figures behind /metrics. Started by every ``serve`` in database mode (unless
-``webhooks.enabled = false``) and by ``python -m proxy webhooks run``.
-
-Every job runs under ``_supervised``: an unexpected exception is logged and counted, and the
-job starts again after a capped backoff; it never dies silently.
+``webhooks.enabled = false``) and by ``python -m proxy webhooks run``. Each is a
+``proxy.background.Job``: an unexpected exception is logged, counted and followed by a restart.
 """
 
 from __future__ import annotations
@@ -23,10 +21,10 @@ from aiohttp.abc import AbstractResolver
 from prometheus_client.core import Metric
 
 from proxy.access_log import AccessLog
-from proxy.background import cancel
+from proxy.background import Job, job_failures
 from proxy.settings import Settings, WebhookSettings
 from proxy.stores.postgres import DB_ERRORS, ChangeListener, close_pool, create_pool
-from proxy.telemetry import Telemetry, counter, gauge
+from proxy.telemetry import Telemetry, gauge
 from proxy.webhooks.destinations import GuardedResolver, Policy
 from proxy.webhooks.dispatcher import POLL_S, Dispatcher
 from proxy.webhooks.store import NOTIFY_CHANNEL, DeliveryStore
@@ -66,13 +64,17 @@ class WebhookJobs:
         self._pool: asyncpg.Pool | None = None
         self._session: aiohttp.ClientSession | None = None
         self._listener: ChangeListener | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._jobs: list[Job] = []
         self.dispatcher: Dispatcher | None = None
         self.due = 0
         self.disabled = 0
-        self.restarts = 0
         if telemetry is not None:
             telemetry.collect_from(self._metrics)
+
+    @property
+    def listening(self) -> bool:
+        """True while the LISTEN connection is up (NOTIFY wakes the dispatcher)."""
+        return self._listener is not None and self._listener.connected.is_set()
 
     async def start(self) -> None:
         s = self._settings
@@ -111,21 +113,22 @@ class WebhookJobs:
             dispatcher.wake,  # notifications missed while reconnecting
             timeout_s=DB_TIMEOUT_S,
             channel=NOTIFY_CHANNEL,
+            application_name="flatrender-edge-webhooks",
         )
         self._listener.start()
-        self._tasks = [
-            asyncio.create_task(self._supervised("dispatcher", dispatcher.run)),
-            asyncio.create_task(self._supervised("retention", lambda: self._retention(store))),
-            asyncio.create_task(self._supervised("figures", lambda: self._figures(store))),
+        self._jobs = [
+            dispatcher,
+            Repeat("webhook-retention", RETENTION_EVERY_S, lambda: self._retention(store)),
+            Repeat("webhook-figures", FIGURES_EVERY_S, lambda: self._figures(store)),
         ]
+        for job in self._jobs:
+            job.start()
 
     async def stop(self) -> None:
         """Stop claiming, let the attempts in flight finish and be recorded (up to
         ``timeout_s``), then close everything."""
-        if self.dispatcher is not None:
-            await self.dispatcher.stop(self._settings.timeout_s + 1)
-        for task in self._tasks:
-            await cancel(task)
+        for job in self._jobs:
+            await job.stop()
         if self._listener is not None:
             await self._listener.close()
         if self._session is not None:
@@ -135,39 +138,19 @@ class WebhookJobs:
         if self._access_log is not None:
             await self._access_log.close()
 
-    async def _supervised(self, name: str, job: Callable[[], Awaitable[None]]) -> None:
-        delay = 0.5
-        while True:
-            try:
-                await job()
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                self.restarts += 1
-                log.exception("webhook job %s failed; restarting in %.1fs", name, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
-
     async def _retention(self, store: DeliveryStore) -> None:
-        while True:
-            try:
-                while True:
-                    if not await store.delete_expired(
-                        self._settings.retention_days, RETENTION_BATCH
-                    ):
-                        break
-                    await asyncio.sleep(RETENTION_PAUSE_S)
-            except DB_ERRORS as e:
-                log.warning("webhook retention: database unavailable (%s)", type(e).__name__)
-            await asyncio.sleep(RETENTION_EVERY_S)
+        try:
+            while True:
+                if not await store.delete_expired(self._settings.retention_days, RETENTION_BATCH):
+                    return
+                await asyncio.sleep(RETENTION_PAUSE_S)
+        except DB_ERRORS as e:
+            log.warning("webhook retention: database unavailable (%s)", type(e).__name__)
 
     async def _figures(self, store: DeliveryStore) -> None:
-        while True:
-            # The dispatcher logs an outage; the gauges keep their last value meanwhile.
-            with contextlib.suppress(*DB_ERRORS):
-                self.due, self.disabled = await store.figures()
-            await asyncio.sleep(FIGURES_EVERY_S)
+        # The dispatcher logs an outage; the gauges keep their last value meanwhile.
+        with contextlib.suppress(*DB_ERRORS):
+            self.due, self.disabled = await store.figures()
 
     def _metrics(self) -> Iterator[Metric]:
         yield gauge(
@@ -182,12 +165,24 @@ class WebhookJobs:
                 "Webhook attempts being made by this process",
                 self.dispatcher.in_flight,
             )
-            yield counter(
-                "edge_webhook_job_restarts",
-                "Webhook jobs restarted after an unexpected error",
-                [],
-                [([], self.restarts)],
-            )
+        if self._jobs:
+            yield job_failures(self._jobs)
+
+
+class Repeat(Job):
+    """``tick`` at once, then every ``interval_s`` until stopped (nothing more on stop)."""
+
+    def __init__(self, name: str, interval_s: float, tick: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(name)
+        self._interval = interval_s
+        self._tick = tick
+
+    async def run(self) -> None:
+        while True:
+            await self._tick()
+            self.succeeded()
+            if await self.sleep(self._interval):
+                return
 
 
 def webhook_jobs(settings: Settings, telemetry: Telemetry | None) -> WebhookJobs | None:

@@ -9,7 +9,7 @@ import base64
 import ipaddress
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -100,6 +100,15 @@ async def receiving(**kwargs: Any) -> AsyncIterator[Receiver]:
         await runner.cleanup()
 
 
+def holds(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    """A plain condition as the awaitable check that ``within`` polls."""
+
+    async def poll() -> bool:
+        return check()
+
+    return poll
+
+
 async def new_tenant(db: asyncpg.Connection) -> str:
     tenant_id = str(uuid.uuid4())
     await db.execute(
@@ -165,7 +174,8 @@ async def attempts(db: asyncpg.Connection, webhook_id: str) -> list[asyncpg.Reco
 @asynccontextmanager
 async def dispatching(dsn: str, **overrides: Any) -> AsyncIterator[WebhookJobs]:
     """The webhook jobs of one process, in this test's event loop."""
-    extra = {k: overrides.pop(k) for k in ("telemetry", "access_log", "resolver") if k in overrides}
+    job_args = ("telemetry", "access_log", "resolver", "poll_s")
+    extra = {k: overrides.pop(k) for k in job_args if k in overrides}
     jobs = WebhookJobs(dsn, replace(TEST_SETTINGS, **overrides), **extra)
     await jobs.start()
     try:
