@@ -26,6 +26,7 @@ ALL = [
     "003_edge_invalidation.sql",
     "004_edge_audit.sql",
     "005_edge_outbox.sql",
+    "006_edge_domains.sql",
 ]
 DEFAULT_TENANT = uuid.UUID("00000000-0000-0000-0000-000000000001")
 IDENTITY_TABLES = {
