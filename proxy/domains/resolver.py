@@ -8,6 +8,7 @@ just fixed a record must be seen by the next check.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -17,6 +18,8 @@ import dns.nameserver
 import dns.resolver
 
 from proxy.settings import HostPort
+
+log = logging.getLogger("proxy.domains")
 
 
 class LookupFailed(Exception):
@@ -43,7 +46,13 @@ class DnsResolver:
                 dns.nameserver.Do53Nameserver(ns.host, ns.port) for ns in nameservers
             ]
         else:
-            self._resolver = dns.asyncresolver.Resolver()
+            try:
+                self._resolver = dns.asyncresolver.Resolver()
+            except dns.resolver.NoResolverConfiguration as e:
+                # No usable /etc/resolv.conf: the proxy still serves; every check fails with
+                # dns_servfail (no server to ask) until domains.nameservers is set.
+                log.error("domain checks: no system resolver (%s); set domains.nameservers", e)
+                self._resolver = dns.asyncresolver.Resolver(configure=False)
         self._resolver.lifetime = timeout_s
 
     async def _ask(self, name: str, rdtype: str) -> dns.resolver.Answer:

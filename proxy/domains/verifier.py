@@ -38,6 +38,7 @@ APPLICATION_NAME = "flatrender-edge-domain-verifier"  # visible in pg_stat_activ
 LEASE = timedelta(seconds=60)
 PASS_LIMIT = 100  # rows per pass; the rest are due at the next pass, a second later
 CONCURRENCY = 16  # checks in flight at once
+STATEMENT_TIMEOUT_S = 10.0
 METHODS = ("HTTP_FILE", "DNS_TXT")
 OUTCOMES = ("passed", "failed")
 
@@ -161,6 +162,8 @@ class DomainVerifier(Job):
         conn: asyncpg.Connection = await asyncpg.connect(
             self._dsn,
             timeout=self._connect_timeout,
+            # A database that stops answering mid-statement must not hang the job for ever.
+            command_timeout=STATEMENT_TIMEOUT_S,
             server_settings={"application_name": APPLICATION_NAME},
         )
         self._outages = 0

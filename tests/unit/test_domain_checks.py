@@ -207,3 +207,18 @@ async def test_an_unknown_method_fails(make_checker: Callable[..., Checker]) -> 
     assert await make_checker(1).check("EMAIL", "shop.example", TOKEN) == Outcome(
         False, "unknown_method"
     )
+
+
+async def test_without_a_system_resolver_checks_fail_instead_of_the_proxy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dns.resolver
+
+    def missing(*_args: object, **_kw: object) -> None:
+        raise dns.resolver.NoResolverConfiguration("cannot open /etc/resolv.conf")
+
+    monkeypatch.setattr(dns.resolver.BaseResolver, "read_resolv_conf", missing)
+    resolver = DnsResolver([], timeout_s=0.5)  # the system resolver: none configured
+    with pytest.raises(LookupFailed) as caught:
+        await resolver.txt("_flatrender-challenge.example.com")
+    assert caught.value.code == "dns_servfail"
