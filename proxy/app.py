@@ -18,6 +18,7 @@ import signal
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -29,7 +30,7 @@ from proxy.audit.jsonl import JsonlAuditSink
 from proxy.audit.postgres import PostgresAuditSink
 from proxy.background import Job, job_failures
 from proxy.connection import ConnectionGate, listen
-from proxy.core.hosts import BadHost, normalize_host
+from proxy.core.hosts import BadHost, is_platform_name, normalize_host
 from proxy.domains.service import start_verifier
 from proxy.errors import TenantStoreUnavailable
 from proxy.pipeline.audit import audit_stage
@@ -52,6 +53,7 @@ from proxy.stores.base import (
     UsageSink,
 )
 from proxy.stores.buckets import MemoryBucketStore
+from proxy.stores.cached import LoadingCache
 from proxy.stores.identity import CachedIdentityStore
 from proxy.stores.memory import load_embedded
 from proxy.stores.quota import (
@@ -96,7 +98,7 @@ def store_metrics(stores: Stores) -> Callable[[], Iterable[Metric]]:
         yield counter("edge_limiter_decisions", "Rate-limit decisions", ["decision"], decisions)
         yield from quota_metrics(stores.quotas)
         if stores.identity is not None:
-            caches = {
+            caches: dict[str, LoadingCache[Any, Any]] = {
                 "tenants": stores.identity.tenants,
                 "keys": stores.identity.keys,
                 "challenges": stores.identity.challenges,
@@ -112,6 +114,7 @@ def store_metrics(stores: Stores) -> Callable[[], Iterable[Metric]]:
                         ("hit", "hits"),
                         ("miss", "misses"),
                         ("stale_served", "stale_served"),
+                        ("refresh_failed", "refresh_failures"),
                     )
                 ],
             )
@@ -120,6 +123,17 @@ def store_metrics(stores: Stores) -> Callable[[], Iterable[Metric]]:
                 "Failed store calls",
                 ["store"],
                 [(["postgres"], stores.identity.db.errors)],
+            )
+            yield counter(
+                "edge_miss_budget_refusals",
+                "Uncached lookups refused by tenancy.max_miss_lookups_per_s",
+                [],
+                [([], stores.identity.budgeted.refusals)],
+            )
+            yield gauge(
+                "edge_cache_negative_entries",
+                "Unknown names remembered, apart from the known ones",
+                sum(c.negative_entries for c in caches.values()),
             )
         yield job_failures(stores.jobs())
         audit = stores.audit
@@ -297,6 +311,7 @@ def build_stores(settings: Settings) -> Stores:
         ttl_s=t.cache_ttl_s,
         stale_if_error_s=t.stale_if_error_s,
         timeout_s=t.store_timeout_s,
+        max_miss_lookups_per_s=t.max_miss_lookups_per_s,
     )
     usage = UsageRecorder(identity.db.write_usage, settings.audit.flush_interval_ms / 1000)
     audit_db = PostgresAuditSink(settings.database_url, settings.audit)
@@ -316,7 +331,7 @@ def build_app(
     stages: list[Middleware] = [
         entry_stage(settings.server.trusted_proxies, telemetry, access),
         target_stage,
-        challenge_stage(stores.challenges, clock),
+        challenge_stage(stores.challenges, settings.tenancy.platform_domains, clock),
         tenant_stage(stores.tenants, settings.tenancy.platform_domains, telemetry),
         cors_stage,
         status_stage(clock),
@@ -361,6 +376,7 @@ def build_app(
 
 def build_admin_app(
     stores: Stores,
+    platform_domains: tuple[str, ...],
     draining: asyncio.Event | None = None,
     telemetry: Telemetry | None = None,
     workers: WorkerSet | None = None,
@@ -377,10 +393,13 @@ def build_admin_app(
 
     async def tls_allowed(request: web.Request) -> web.Response:
         """Caddy's on-demand TLS ``ask``: 200 only for a verified custom domain of a tenant
-        that may be served. Answered from the tenant cache, so a database blip does not stop
-        certificate renewals for domains already known (stale-if-error)."""
+        that may be served, never for a platform name (CONTRACT §3: a tenant row claiming one
+        must not get a certificate for it). Answered from the tenant cache, so a database blip
+        does not stop certificate renewals for domains already known (stale-if-error)."""
         try:
             domain = normalize_host(request.query.get("domain", ""))
+            if is_platform_name(domain, platform_domains):
+                raise BadHost("a platform name is never a custom domain")
             tenant = await stores.tenants.by_custom_domain(domain)
         except BadHost:
             tenant = None
@@ -440,7 +459,10 @@ async def serve(
     )
     draining = asyncio.Event()
     telemetry = app[TELEMETRY]
-    admin = web.AppRunner(build_admin_app(stores, draining, telemetry, workers), access_log=None)
+    admin = web.AppRunner(
+        build_admin_app(stores, settings.tenancy.platform_domains, draining, telemetry, workers),
+        access_log=None,
+    )
     await runner.setup()
     await admin.setup()
     # The public listener's connections are proxy.connection's (parser errors as JSON, head

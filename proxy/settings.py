@@ -82,6 +82,9 @@ class TenancySettings:
     stale_if_error_s: float = 300.0
     # No request waits longer than this on the database.
     store_timeout_s: float = 1.0
+    # Database lookups per second (burst as many) for Hosts and key prefixes that turn out not
+    # to exist; beyond it an uncached lookup is 503 (CONTRACT §3).
+    max_miss_lookups_per_s: int = 200
     # Embedded mode only (no DATABASE_URL): tenants and API keys come from this file.
     embedded_file: Path = Path("config/tenants.toml")
 
@@ -440,6 +443,7 @@ def _tenancy(t: _Table, base: Path) -> TenancySettings:
         cache_ttl_s=t.positive("cache_ttl_s", d.cache_ttl_s),
         stale_if_error_s=t.positive("stale_if_error_s", d.stale_if_error_s),
         store_timeout_s=t.positive("store_timeout_s", d.store_timeout_s),
+        max_miss_lookups_per_s=t.positive_int("max_miss_lookups_per_s", d.max_miss_lookups_per_s),
         embedded_file=base / t.text("embedded_file", str(d.embedded_file)),
     )
     t.finish()

@@ -65,24 +65,42 @@ def normalize_host(raw: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class HostMatch:
-    """Where a normalised host may point: a tenant slug, the platform apex, or neither."""
+    """Where a normalised host may point (CONTRACT §3): a tenant slug, the platform apex, some
+    other reserved name under a platform domain (which points nowhere), or a custom domain."""
 
-    kind: Literal["slug", "platform", "other"]
+    kind: Literal["slug", "platform", "reserved", "other"]
     slug: str = ""
 
 
-def classify_host(host: str, platform_domains: tuple[str, ...]) -> HostMatch:
-    """``<slug>.<platform domain>`` or a platform domain itself; one label only for slugs."""
+def platform_domain_of(host: str, platform_domains: tuple[str, ...]) -> str | None:
+    """The longest platform domain that ``host`` equals or ends in (as whole labels), or None.
+
+    Longest, not first: with ``flatrender.test`` and ``eu.flatrender.test`` both listed,
+    ``eu.flatrender.test`` is an apex, not the slug ``eu``, whatever the order of the list."""
+    best: str | None = None
     for domain in platform_domains:
-        if host == domain:
-            return HostMatch("platform")
-        if host.endswith(domain) and host[-len(domain) - 1] == ".":
-            slug = host[: -len(domain) - 1]
-            if "." not in slug:
-                return HostMatch("slug", slug)
-    return HostMatch("other")
+        if (host == domain or host.endswith("." + domain)) and (
+            best is None or len(domain) > len(best)
+        ):
+            best = domain
+    return best
 
 
 def is_platform_name(host: str, platform_domains: tuple[str, ...]) -> bool:
-    """A platform domain or any name under one (CONTRACT §3: reserved, never a custom domain)."""
-    return any(host == d or host.endswith("." + d) for d in platform_domains)
+    """A platform domain or any name under it: reserved for slugs and the apex (CONTRACT §3),
+    so never a tenant's custom domain, never a challenge, never allowed by ``/tls/allowed``.
+
+    ``host`` must be normalised (``normalize_host``) first."""
+    return platform_domain_of(host, platform_domains) is not None
+
+
+def classify_host(host: str, platform_domains: tuple[str, ...]) -> HostMatch:
+    """``<slug>.<platform domain>`` (one label), a platform domain itself, another name under
+    a platform domain (reserved: it resolves to nothing), or anything else (a custom domain)."""
+    domain = platform_domain_of(host, platform_domains)
+    if domain is None:
+        return HostMatch("other")
+    if host == domain:
+        return HostMatch("platform")
+    slug = host[: -len(domain) - 1]
+    return HostMatch("reserved") if "." in slug else HostMatch("slug", slug)

@@ -12,7 +12,7 @@ from aiohttp.typedefs import Handler, Middleware
 from proxy.context import CTX
 from proxy.core.cors import frame_ancestors
 from proxy.core.framing import framing_problem
-from proxy.core.hosts import BadHost, normalize_host
+from proxy.core.hosts import BadHost, is_platform_name, normalize_host
 from proxy.core.paths import BadTarget, split_target
 from proxy.errors import BadRequest, ChallengeNotFound, NoRoute
 from proxy.stores.base import ChallengeStore
@@ -62,9 +62,12 @@ def route_stage(routing: Routing) -> Middleware:
 CHALLENGE_PREFIX = "/.well-known/flatrender-challenge/"
 
 
-def challenge_stage(store: ChallengeStore, clock: Callable[[], datetime]) -> Middleware:
+def challenge_stage(
+    store: ChallengeStore, platform_domains: tuple[str, ...], clock: Callable[[], datetime]
+) -> Middleware:
     """Answer custom-domain verification before tenant resolution: it must work while the
-    domain is still unverified (which the tenant stage would refuse with 421)."""
+    domain is still unverified (which the tenant stage would refuse with 421). Never for a
+    platform name (CONTRACT §3): a tenant must not prove control of a host that is not its."""
 
     @web.middleware
     async def challenge(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -72,7 +75,12 @@ def challenge_stage(store: ChallengeStore, clock: Callable[[], datetime]) -> Mid
         if not ctx.path.startswith(CHALLENGE_PREFIX) or request.method not in ("GET", "HEAD"):
             return await handler(request)
         token = ctx.path[len(CHALLENGE_PREFIX) :]
-        if not token or "/" in token or not await store.challenge_valid(ctx.host, token, clock()):
+        if (
+            not token
+            or "/" in token
+            or is_platform_name(ctx.host, platform_domains)
+            or not await store.challenge_valid(ctx.host, token, clock())
+        ):
             raise ChallengeNotFound()
         return web.Response(text=token, content_type="text/plain")
 

@@ -25,15 +25,18 @@ async def resolve_tenant(
 ) -> tuple[Tenant, bool]:
     """The contract's order: verified custom domain, then ``<slug>.<platform>``, then apex.
 
-    Returns the tenant and whether the host was a platform domain itself.
+    A platform name is looked up only by slug or as the apex: a tenant row whose
+    ``custom_domain`` claims one (another's slug host, the apex) is never consulted, so it can
+    neither take that host nor block it with 421. Returns the tenant and whether the host was
+    a platform domain itself.
     """
-    tenant = await store.by_custom_domain(host)
-    if tenant is not None:
-        if not tenant.domain_verified:
-            raise DomainNotVerified()
-        return tenant, False
     match = classify_host(host, platform_domains)
-    if match.kind == "slug":
+    tenant: Tenant | None = None
+    if match.kind == "other":
+        tenant = await store.by_custom_domain(host)
+        if tenant is not None and not tenant.domain_verified:
+            raise DomainNotVerified()
+    elif match.kind == "slug":
         tenant = await store.by_slug(match.slug)
     elif match.kind == "platform":
         tenant = await store.by_id(DEFAULT_TENANT_ID)

@@ -3,20 +3,85 @@
 Implements ``TenantStore``, ``KeyStore`` and ``ChallengeStore``. A notification evicts exactly
 the entries it names (see ``sql/003_edge_invalidation.sql``); an unreadable one, and every
 (re)connection of the listener, flushes everything, since changes may have been missed.
+
+Lookups by a name a client chose (a Host, a key prefix, a challenge's domain) go through the
+miss budget (``core.budget``, CONTRACT §3): a lookup that finds no token waits for one up to
+``store_timeout_s``, then is answered 503 ``tenant_store_unavailable`` with ``Retry-After: 1``.
+Lookups by tenant id come from key rows, not from clients, and are not budgeted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from proxy.core.apikeys import ApiKey
+from proxy.core.budget import MissBudget
 from proxy.core.tenancy import Tenant
+from proxy.errors import TenantStoreUnavailable
 from proxy.stores.cached import LoadingCache
 from proxy.stores.postgres import ChangeListener, PostgresStore
 
 TenantKey = tuple[str, str]  # ("domain" | "slug" | "id", value)
+_K = TypeVar("_K", bound=Hashable)
+_V = TypeVar("_V")
+# Unknown names remembered per cache, apart from the known ones (stores.cached).
+MAX_MISS_ENTRIES = 10_000
+
+
+class BudgetedLoads:
+    """Runs loads of client-chosen names within a ``MissBudget``; only loads whose result is
+    empty (a miss) keep the token they took."""
+
+    def __init__(
+        self,
+        per_s: float,
+        timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock
+        self._timeout = timeout_s
+        self.budget = MissBudget(per_s, per_s, clock())
+        self._returned = asyncio.Event()
+        self.refusals = 0
+
+    async def _take(self) -> None:
+        end = self._clock() + self._timeout
+        while not self.budget.try_take(self._clock()):
+            left = end - self._clock()
+            if left <= 0:
+                self.refusals += 1
+                raise TenantStoreUnavailable(
+                    "too many lookups of unknown names; try again shortly",
+                    headers={"Retry-After": "1"},
+                )
+            # Woken by a token given back, or when the next one has refilled.
+            self._returned.clear()
+            with contextlib.suppress(TimeoutError):
+                wait = min(left, self.budget.wait_s(self._clock()))
+                await asyncio.wait_for(self._returned.wait(), wait)
+
+    def _give_back(self) -> None:
+        self.budget.give_back(self._clock())
+        self._returned.set()
+
+    def wrap(self, load: Callable[[str], Awaitable[_V]]) -> Callable[[str], Awaitable[_V]]:
+        async def budgeted(key: str) -> _V:
+            await self._take()
+            try:
+                value = await load(key)
+            except BaseException:
+                self._give_back()  # it never learnt whether the name exists
+                raise
+            if value:
+                self._give_back()
+            return value
+
+        return budgeted
 
 
 class CachedIdentityStore:
@@ -27,24 +92,30 @@ class CachedIdentityStore:
         ttl_s: float,
         stale_if_error_s: float,
         timeout_s: float,
+        max_miss_lookups_per_s: float,
         max_entries: int = 100_000,
     ) -> None:
         self.db = PostgresStore(dsn, timeout_s=timeout_s)
-        self.tenants: LoadingCache[TenantKey, Tenant | None] = LoadingCache(
-            self._load_tenant, ttl_s=ttl_s, stale_if_error_s=stale_if_error_s, maxsize=max_entries
+        self.budgeted = BudgetedLoads(max_miss_lookups_per_s, timeout_s)
+
+        def cache(load: Callable[[_K], Awaitable[_V]]) -> LoadingCache[_K, _V]:
+            return LoadingCache(
+                load,
+                ttl_s=ttl_s,
+                stale_if_error_s=stale_if_error_s,
+                maxsize=max_entries,
+                miss_maxsize=MAX_MISS_ENTRIES,
+            )
+
+        self.tenants: LoadingCache[TenantKey, Tenant | None] = cache(self._load_tenant)
+        self.keys: LoadingCache[str, tuple[ApiKey, ...]] = cache(
+            self.budgeted.wrap(self.db.keys_by_prefix)
         )
-        self.keys: LoadingCache[str, tuple[ApiKey, ...]] = LoadingCache(
-            self.db.keys_by_prefix,
-            ttl_s=ttl_s,
-            stale_if_error_s=stale_if_error_s,
-            maxsize=max_entries,
+        self.challenges: LoadingCache[str, tuple[tuple[str, datetime], ...]] = cache(
+            self.budgeted.wrap(self.db.challenges)
         )
-        self.challenges: LoadingCache[str, tuple[tuple[str, datetime], ...]] = LoadingCache(
-            self.db.challenges,
-            ttl_s=ttl_s,
-            stale_if_error_s=stale_if_error_s,
-            maxsize=max_entries,
-        )
+        self._by_domain = self.budgeted.wrap(self.db.tenant_by_domain)
+        self._by_slug = self.budgeted.wrap(self.db.tenant_by_slug)
         self.listener = ChangeListener(
             dsn, self.apply_change, self.flush, timeout_s=max(timeout_s, 2.0)
         )
@@ -52,9 +123,9 @@ class CachedIdentityStore:
     async def _load_tenant(self, key: TenantKey) -> Tenant | None:
         kind, value = key
         if kind == "domain":
-            return await self.db.tenant_by_domain(value)
+            return await self._by_domain(value)
         if kind == "slug":
-            return await self.db.tenant_by_slug(value)
+            return await self._by_slug(value)
         return await self.db.tenant_by_id(value)
 
     # -- TenantStore
@@ -108,4 +179,6 @@ class CachedIdentityStore:
 
     async def close(self) -> None:
         await self.listener.close()
+        for cache in (self.tenants, self.keys, self.challenges):
+            await cache.close()
         await self.db.close()

@@ -37,6 +37,16 @@ async def statement_calls(db: asyncpg.Connection, fragment: str) -> int:
     return int(n)
 
 
+async def add_tenant(db: asyncpg.Connection, slug: str, **cols: object) -> str:
+    """Insert a tenant row (name from the slug, other columns as given); returns its id."""
+    tid = str(uuid.uuid4())
+    names = ["id", "slug", "name", *cols]
+    values = [tid, slug, slug.title(), *cols.values()]
+    marks = ", ".join(f"${i + 1}" for i in range(len(values)))
+    await db.execute(f"INSERT INTO identity.tenants ({', '.join(names)}) VALUES ({marks})", *values)
+    return tid
+
+
 def seeded_database(
     server: Any, prefix: str, seed: Callable[[asyncpg.Connection], Awaitable[None]]
 ) -> str:

@@ -50,7 +50,7 @@ async def proxy_app(
     exporter = InMemorySpanExporter()
     telemetry = Telemetry(settings.telemetry, exporter=exporter)
     app = build_app(settings, stores, telemetry=telemetry)
-    admin = build_admin_app(stores, telemetry=telemetry)
+    admin = build_admin_app(stores, settings.tenancy.platform_domains, telemetry=telemetry)
     async with TestClient(TestServer(app)) as client, TestClient(TestServer(admin)) as adm:
         yield client, adm, exporter
 

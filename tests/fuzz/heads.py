@@ -417,7 +417,7 @@ def check_pure(p: Parsed) -> None:
             assert host.endswith("]")
         else:
             assert len(host) <= 253 and all(_LABEL.fullmatch(x) for x in host.split("."))
-        assert classify_host(host, PLATFORM).kind in ("slug", "platform", "other")
+        assert classify_host(host, PLATFORM).kind in ("slug", "platform", "reserved", "other")
     # core.paths: (resolved path, query) or BadTarget.
     try:
         path, query = split_target(p.target, hosts[0] if hosts else "")

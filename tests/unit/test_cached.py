@@ -1,5 +1,6 @@
-"""proxy.stores.cached.LoadingCache: TTL, negative entries, single-flight, stale-if-error and
-invalidation, with a fake clock and a loader whose calls the test releases one by one."""
+"""proxy.stores.cached.LoadingCache: TTL, negative entries apart from hits, single-flight,
+background refresh with backoff, stale-if-error and invalidation, with a fake clock and a
+loader whose calls the test releases one by one."""
 
 from __future__ import annotations
 
@@ -65,7 +66,9 @@ def make(
         ttl_s=options["ttl_s"],
         stale_if_error_s=options["stale_if_error_s"],
         maxsize=int(options.get("maxsize", 100_000)),
+        miss_maxsize=int(options.get("miss_maxsize", 100_000)),
         clock=clock or Clock(),
+        jitter=lambda: 0.5,
     )
 
 
@@ -81,22 +84,39 @@ async def test_fresh_entries_are_served_without_loading() -> None:
     assert loader.calls == ["a"]  # peek never loads
 
 
-@pytest.mark.parametrize("stale", [0.0, STALE])
-async def test_ttl_expiry(stale: float) -> None:
+async def test_ttl_expiry_without_a_stale_window_loads_again() -> None:
     clock = Clock()
     loader = Loader({"a": "v1"})
-    cache = make(loader, clock, stale_if_error_s=stale)
+    cache = make(loader, clock, stale_if_error_s=0.0)
     assert await cache.get("a") == "v1"
     loader.values["a"] = "v2"
     clock.now += TTL - 0.001
     assert await cache.get("a") == "v1"
     assert loader.calls == ["a"]
-    clock.now += 0.001  # exactly ttl after the load: expired
+    clock.now += 0.001  # exactly ttl after the load: gone
     assert await cache.get("a") == "v2"
     assert loader.calls == ["a", "a"]
-    clock.now += TTL - 0.001
+
+
+async def test_past_its_ttl_an_entry_answers_at_once_and_refreshes_in_the_background() -> None:
+    clock = Clock()
+    loader = Loader({"a": "v1"})
+    cache = make(loader, clock)
+    assert await cache.get("a") == "v1"
+    loader.values["a"] = "v2"
+    loader.gated = True
+    clock.now += TTL
+    # Ten requests past the TTL: all answered from the cache, one refresh between them.
+    for _ in range(10):
+        assert await cache.get("a") == "v1"
+    await until(lambda: len(loader.gates) == 1)
+    assert loader.calls == ["a", "a"]
+    assert cache.stale_served == 10
+    loader.gates[0].set()
+    await until(lambda: cache.peek("a") == "v2")
     assert await cache.get("a") == "v2"
     assert loader.calls == ["a", "a"]
+    assert cache.hits == 1
 
 
 async def test_negative_entries_are_cached() -> None:
@@ -107,10 +127,14 @@ async def test_negative_entries_are_cached() -> None:
         assert await cache.get("nobody") is None
     assert loader.calls == ["nobody"]
     assert cache.hits == 4
+    assert cache.negative_entries == 1
     loader.values["nobody"] = "now known"
     clock.now += TTL
+    assert await cache.get("nobody") is None  # past its TTL: answered, then refreshed
+    await until(lambda: cache.peek("nobody") == "now known")
     assert await cache.get("nobody") == "now known"
     assert loader.calls == ["nobody", "nobody"]
+    assert cache.negative_entries == 0
 
 
 async def test_concurrent_cold_gets_share_one_load() -> None:
@@ -124,7 +148,7 @@ async def test_concurrent_cold_gets_share_one_load() -> None:
         return await cache.get("cold")
 
     tasks = [asyncio.create_task(caller()) for _ in range(1000)]
-    await until(lambda: arrived == 1000)
+    await until(lambda: arrived == 1000 and len(loader.gates) == 1)
     assert loader.calls == ["cold"]
     loader.gates[0].set()
     results = await asyncio.gather(*tasks)
@@ -133,6 +157,19 @@ async def test_concurrent_cold_gets_share_one_load() -> None:
     assert cache.misses == 1 and cache.hits == 0
     assert await cache.get("cold") == "V"
     assert loader.calls == ["cold"]
+
+
+async def test_a_waiter_that_goes_away_does_not_cancel_the_load_for_the_others() -> None:
+    loader = Loader({"cold": "V"}, gated=True)
+    cache = make(loader)
+    first = asyncio.create_task(cache.get("cold"))
+    second = asyncio.create_task(cache.get("cold"))
+    await until(lambda: len(loader.gates) == 1)
+    first.cancel()
+    loader.gates[0].set()
+    assert await second == "V"
+    assert first.cancelled()
+    assert cache.peek("cold") == "V"
 
 
 async def test_failure_with_nothing_cached_fails_every_waiter() -> None:
@@ -152,7 +189,7 @@ async def test_failure_with_nothing_cached_fails_every_waiter() -> None:
     assert loader.calls == ["k", "k"]
 
 
-async def test_failure_serves_a_stale_entry_within_the_window() -> None:
+async def test_failed_refreshes_back_off_while_the_stale_entry_keeps_answering() -> None:
     clock = Clock()
     loader = Loader({"k": "old"})
     cache = make(loader, clock)
@@ -160,34 +197,48 @@ async def test_failure_serves_a_stale_entry_within_the_window() -> None:
     loader.values["k"] = "new"
     loader.fail = True
     clock.now += TTL + 1
+    assert await cache.get("k") == "old"  # answered at once; a refresh starts behind it
+    await until(lambda: cache.refresh_failures == 1)
+    assert loader.calls == ["k", "k"]
+    # Within the backoff (0.5-1 s after the failure, jitter 0.5 here: 0.75 s), no new refresh.
+    for _ in range(20):
+        assert await cache.get("k") == "old"
+    clock.now += 0.7
     assert await cache.get("k") == "old"
-    assert cache.stale_served == 1
-    # every get past the TTL still asks the store (errors are not cached)...
-    clock.now += STALE - 2
+    assert cache.loads_in_flight == 0  # a refresh would have started in get()
+    assert loader.calls == ["k", "k"]
+    # Past it, one more; after a second failure the wait doubles (1-2 s, here 1.5 s).
+    clock.now += 0.1
     assert await cache.get("k") == "old"
-    assert cache.stale_served == 2
+    await until(lambda: cache.refresh_failures == 2)
     assert loader.calls == ["k", "k", "k"]
-    # ...and the first success replaces the stale entry
+    clock.now += 1.4
+    assert await cache.get("k") == "old"
+    assert cache.loads_in_flight == 0  # a refresh would have started in get()
+    assert loader.calls == ["k", "k", "k"]
+    # The store is back: the next refresh replaces the entry and the failures are forgotten.
     loader.fail = False
-    assert await cache.get("k") == "new"
+    clock.now += 0.2
+    assert await cache.get("k") == "old"
+    await until(lambda: cache.peek("k") == "new")
     assert await cache.get("k") == "new"
     assert loader.calls == ["k", "k", "k", "k"]
-    assert cache.stale_served == 2
 
 
-async def test_concurrent_waiters_of_a_failed_reload_get_the_stale_value() -> None:
+async def test_no_caller_waits_for_a_refresh_that_hangs() -> None:
+    """A black-holed store: the refresh never finishes, and nobody waits for it."""
     clock = Clock()
     loader = Loader({"k": "old"})
     cache = make(loader, clock)
     await cache.get("k")
     clock.now += TTL
-    loader.gated, loader.fail = True, True
-    tasks = [asyncio.create_task(cache.get("k")) for _ in range(50)]
+    loader.gated = True
+    results = [await cache.get("k") for _ in range(50)]  # each returns without the loader
+    assert results == ["old"] * 50
     await until(lambda: len(loader.gates) == 1)
-    loader.gates[0].set()
-    assert await asyncio.gather(*tasks) == ["old"] * 50
-    assert loader.calls == ["k", "k"]
-    assert cache.stale_served == 1
+    assert loader.calls == ["k", "k"]  # one refresh in flight, however many requests
+    await cache.close()  # stops the hanging refresh
+    assert cache.peek("k") == "old"
 
 
 async def test_failure_beyond_ttl_plus_stale_raises() -> None:
@@ -213,6 +264,7 @@ async def test_stale_entry_ages_from_its_original_load() -> None:
     loader.fail = True
     clock.now += TTL + 1
     assert await cache.get("k") == "old"
+    await until(lambda: cache.refresh_failures == 1)
     clock.now += STALE
     with pytest.raises(TenantStoreUnavailable):
         await cache.get("k")
@@ -256,20 +308,44 @@ async def test_a_get_after_invalidate_does_not_join_the_older_load() -> None:
     assert loader.calls == ["k", "k"]
 
 
-async def test_invalidated_stale_entry_is_not_served_on_failure() -> None:
+async def test_invalidated_stale_entry_is_not_served_while_its_refresh_runs() -> None:
     clock = Clock()
     loader = Loader({"k": "old"})
     cache = make(loader, clock)
     await cache.get("k")
     clock.now += TTL + 1
     loader.gated, loader.fail = True, True
-    task = asyncio.create_task(cache.get("k"))
+    assert await cache.get("k") == "old"
     await until(lambda: len(loader.gates) == 1)
     cache.invalidate(["k"])
+    waiter = asyncio.create_task(cache.get("k"))  # nothing cached: a load of its own
+    await until(lambda: len(loader.gates) == 2)
     loader.gates[0].set()
+    loader.gates[1].set()
     with pytest.raises(TenantStoreUnavailable):
-        await task
-    assert cache.stale_served == 0
+        await waiter
+    assert cache.peek("k") is None
+    assert cache.refresh_failures == 0  # nothing cached to back off
+
+
+async def test_misses_never_evict_hits() -> None:
+    values = {f"known{i}": f"v{i}" for i in range(4)}
+    loader = Loader(values)
+    cache = make(loader, maxsize=4, miss_maxsize=8)
+    for key in values:
+        await cache.get(key)
+    for i in range(1000):  # a flood of unknown names
+        assert await cache.get(f"random{i}") is None
+    assert cache.negative_entries == 8
+    calls = len(loader.calls)
+    for key, value in values.items():
+        assert await cache.get(key) == value
+    assert len(loader.calls) == calls  # every known name still cached
+    # A name that becomes known moves from the misses to the hits.
+    loader.values["random999"] = "late"
+    cache.invalidate(["random999"])
+    assert await cache.get("random999") == "late"
+    assert cache.negative_entries == 7
 
 
 async def test_invalidate_only_drops_the_named_keys() -> None:

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.core.hosts import BadHost, HostMatch, classify_host, is_platform_name, normalize_host
+from proxy.core.hosts import (
+    BadHost,
+    HostMatch,
+    classify_host,
+    is_platform_name,
+    normalize_host,
+    platform_domain_of,
+)
 
 PLATFORM = ("flatrender.test",)
 
@@ -157,8 +165,9 @@ def test_bad_host_is_a_value_error() -> None:
         ("flatrender.test", HostMatch("platform")),
         ("acme.flatrender.test", HostMatch("slug", "acme")),
         ("xn--mnchen-3ya.flatrender.test", HostMatch("slug", "xn--mnchen-3ya")),
-        # two labels under the apex: not a slug
-        ("a.acme.flatrender.test", HostMatch("other")),
+        # two labels under the apex: not a slug, and reserved (never a custom domain)
+        ("a.acme.flatrender.test", HostMatch("reserved")),
+        ("www.flatrender.test.flatrender.test", HostMatch("reserved")),
         # merely ends with the platform string
         ("evilflatrender.test", HostMatch("other")),
         ("acme.evilflatrender.test", HostMatch("other")),
@@ -190,6 +199,54 @@ def test_classify_host_finds_slug_under_a_nested_platform_domain() -> None:
 
 def test_classify_host_without_platform_domains() -> None:
     assert classify_host("flatrender.test", ()) == HostMatch("other")
+
+
+NESTED = ("flatrender.test", "eu.flatrender.test", "flatrender.example")
+
+
+@pytest.mark.parametrize(
+    ("host", "domain", "expected"),
+    [
+        # a listed nested domain is an apex of its own, not the slug "eu"
+        ("eu.flatrender.test", "eu.flatrender.test", HostMatch("platform")),
+        ("acme.eu.flatrender.test", "eu.flatrender.test", HostMatch("slug", "acme")),
+        ("a.b.eu.flatrender.test", "eu.flatrender.test", HostMatch("reserved")),
+        ("us.flatrender.test", "flatrender.test", HostMatch("slug", "us")),
+        ("acme.us.flatrender.test", "flatrender.test", HostMatch("reserved")),
+        ("flatrender.test", "flatrender.test", HostMatch("platform")),
+        ("acme.flatrender.example", "flatrender.example", HostMatch("slug", "acme")),
+        ("neu.flatrender.test", "flatrender.test", HostMatch("slug", "neu")),
+        ("videos.acme.test", None, HostMatch("other")),
+        ("eu.flatrender.tester", None, HostMatch("other")),
+        ("xeu.flatrender.test", "flatrender.test", HostMatch("slug", "xeu")),
+    ],
+)
+def test_longest_platform_domain_decides_whatever_the_order(
+    host: str, domain: str | None, expected: HostMatch
+) -> None:
+    for order in itertools.permutations(NESTED):
+        assert platform_domain_of(host, order) == domain, order
+        assert classify_host(host, order) == expected, order
+        assert is_platform_name(host, order) == (domain is not None), order
+
+
+@pytest.mark.parametrize(
+    ("host", "reserved"),
+    [
+        ("flatrender.test", True),  # the apex
+        ("acme.flatrender.test", True),  # a slug host, existing or not
+        ("www.acme.flatrender.test", True),  # deeper names under the apex too
+        ("videos.acme.test", False),
+        ("flatrender.test.evil.example", False),
+        ("evilflatrender.test", False),
+        ("test", False),
+        ("192.0.2.7", False),
+        ("[::1]", False),
+    ],
+)
+def test_is_platform_name_one_domain(host: str, reserved: bool) -> None:
+    assert is_platform_name(host, PLATFORM) is reserved
+    assert is_platform_name(host, ()) is False
 
 
 # --------------------------------------------------------------------------- properties
