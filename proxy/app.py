@@ -39,7 +39,7 @@ from proxy.pipeline.cors import cors_stage
 from proxy.pipeline.entry import entry_stage, expect_handler, stamp_response
 from proxy.pipeline.forward import Forwarder
 from proxy.pipeline.quota import quota_stage
-from proxy.pipeline.ratelimit import LimitCounters, ratelimit_stage
+from proxy.pipeline.ratelimit import LimitCounters, limit_without_a_token, ratelimit_stage
 from proxy.pipeline.routing import challenge_stage, route_stage, target_stage
 from proxy.pipeline.tenant import status_stage, tenant_stage
 from proxy.settings import ConfigError, Settings
@@ -341,7 +341,12 @@ def build_app(
         stages.append(audit_stage(stores.audit, clock))
     stages += [
         auth_stage(stores.keys, stores.tenants, stores.usage, clock, telemetry),
-        quota_stage(stores.quotas, clock, telemetry),
+        quota_stage(
+            stores.quotas,
+            clock,
+            telemetry,
+            limit_without_a_token(stores.buckets, settings.ratelimit),
+        ),
         ratelimit_stage(stores.buckets, settings.ratelimit, stores.limits, telemetry),
     ]
     app = web.Application(middlewares=stages)

@@ -33,16 +33,26 @@ class Decision:
 def take(state: BucketState | None, capacity: int, now: float) -> tuple[BucketState, Decision]:
     """One request against a bucket at time ``now``; the Lua script in ``stores.redis`` is this
     function line for line, with Redis's clock."""
-    rate = capacity / WINDOW_S
-    if state is None:
-        tokens = float(capacity)
-    else:
-        # max(0, ...): a clock that steps backwards must not drain the bucket.
-        tokens = min(float(capacity), state.tokens + max(0.0, now - state.updated) * rate)
+    tokens = _refilled(state, capacity, now)
     allowed = tokens >= 1.0
     if allowed:
         tokens -= 1.0
     return BucketState(tokens, now), decide(allowed, tokens, capacity)
+
+
+def peek(state: BucketState | None, capacity: int, now: float) -> Decision:
+    """What the bucket holds at ``now``, taking nothing: the figures for a request refused
+    for another reason before its token was taken (the render quota, CONTRACT §13)."""
+    tokens = _refilled(state, capacity, now)
+    return decide(tokens >= 1.0, tokens, capacity)
+
+
+def _refilled(state: BucketState | None, capacity: int, now: float) -> float:
+    if state is None:
+        return float(capacity)
+    rate = capacity / WINDOW_S  # as the Lua script computes it, so that the two agree exactly
+    # max(0, ...): a clock that steps backwards must not drain the bucket.
+    return min(float(capacity), state.tokens + max(0.0, now - state.updated) * rate)
 
 
 def decide(allowed: bool, tokens: float, capacity: int) -> Decision:

@@ -1,17 +1,18 @@
 """Render-quota stage (CONTRACT §13): a POST on a ``meter = "renders"`` route takes a unit of
 the tenant's monthly quota before the rate limit and the upstream see it, and keeps it only when
 the upstream answered 2xx. It runs before the rate-limit stage, so a refused request spends no
-rate-limit token; a request the rate limit then refuses gives its unit back (not 2xx)."""
+rate-limit token (its answer still carries the rate limit's headers, read without taking one);
+a request the rate limit then refuses gives its unit back (not 2xx)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from proxy.context import CTX
+from proxy.context import CTX, RequestContext
 from proxy.core.bucket import ITEM_FIELDS
 from proxy.core.quota import month_id, quota_items, seconds_until_next_month
 from proxy.errors import RenderQuotaExceeded
@@ -24,8 +25,14 @@ def _is_2xx(status: int | None) -> bool:
 
 
 def quota_stage(
-    quotas: QuotaStore, clock: Callable[[], datetime], telemetry: Telemetry
+    quotas: QuotaStore,
+    clock: Callable[[], datetime],
+    telemetry: Telemetry,
+    limit_headers: Callable[[RequestContext], Awaitable[None]],
 ) -> Middleware:
+    """``limit_headers`` adds the rate limit's headers to a refusal without taking a token
+    (``pipeline.ratelimit.limit_without_a_token``): the answer is keyed like any other."""
+
     @web.middleware
     async def quota(request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = request[CTX]
@@ -44,6 +51,7 @@ def quota_stage(
             ctx.response_headers[ITEM_FIELDS[0]] = items.policy
             ctx.response_headers[ITEM_FIELDS[1]] = items.limit
             if not decision.admitted:
+                await limit_headers(ctx)
                 retry = str(seconds_until_next_month(now))
                 raise RenderQuotaExceeded(headers={"Retry-After": retry})
             reservation = decision.reservation

@@ -4,13 +4,14 @@ when ``anonymous_rpm`` is set. The headers go on every such answer, errors inclu
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from proxy.context import CTX
-from proxy.core.bucket import ITEM_FIELDS, limit_headers, nothing_allowed
+from proxy.context import CTX, RequestContext
+from proxy.core.bucket import ITEM_FIELDS, Decision, limit_headers, nothing_allowed
 from proxy.errors import RateLimited
 from proxy.settings import RatelimitSettings
 from proxy.stores.base import BucketStore
@@ -24,6 +25,48 @@ class LimitCounters:
     shadow_rejected: int = 0  # would have been rejected, served because of shadow mode
 
 
+def _bucket_of(ctx: RequestContext, anonymous_rpm: int) -> tuple[str, int, str] | None:
+    """The bucket, its capacity and its policy name for this request; None: not limited."""
+    tenant, route, key = ctx.tenant, ctx.route, ctx.api_key
+    assert tenant is not None and route is not None  # earlier stages ran
+    if key is not None:
+        return f"key:{key.id}", key.rate_limit_rpm, "key"
+    if anonymous_rpm and route.auth != "api_key":
+        return f"ip:{tenant.id}:{ctx.client_ip}", anonymous_rpm, "ip"
+    return None
+
+
+def _add_headers(ctx: RequestContext, headers: dict[str, str]) -> None:
+    """On the context, so they reach error answers and upstream answers alike. The key's items
+    come first in the two list fields; the quota stage's items follow (§13)."""
+    for name in ITEM_FIELDS:
+        later = ctx.response_headers.get(name)
+        if later is not None:
+            headers[name] = f"{headers[name]}, {later}"
+    ctx.response_headers.update(headers)
+
+
+def limit_without_a_token(
+    buckets: BucketStore, settings: RatelimitSettings
+) -> Callable[[RequestContext], Awaitable[None]]:
+    """For a request refused before the rate limit ran (the render quota, §13): its limit's
+    headers as they stand, taking no token. Its own ``Retry-After`` stays the refusal's."""
+
+    async def add(ctx: RequestContext) -> None:
+        limit = _bucket_of(ctx, settings.anonymous_rpm)
+        if limit is None:
+            return
+        bucket, capacity, policy = limit
+        decision: Decision = (
+            await buckets.peek(bucket, capacity) if capacity >= 1 else nothing_allowed(capacity)
+        )
+        headers = limit_headers(decision, policy)
+        headers.pop("Retry-After", None)
+        _add_headers(ctx, headers)
+
+    return add
+
+
 def ratelimit_stage(
     buckets: BucketStore,
     settings: RatelimitSettings,
@@ -35,14 +78,12 @@ def ratelimit_stage(
     @web.middleware
     async def ratelimit(request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = request[CTX]
-        tenant, route, key = ctx.tenant, ctx.route, ctx.api_key
-        assert tenant is not None and route is not None  # earlier stages ran
-        if key is not None:
-            bucket, capacity, policy = f"key:{key.id}", key.rate_limit_rpm, "key"
-        elif anonymous_rpm and route.auth != "api_key":
-            bucket, capacity, policy = f"ip:{tenant.id}:{ctx.client_ip}", anonymous_rpm, "ip"
-        else:
+        limit = _bucket_of(ctx, anonymous_rpm)
+        if limit is None:
             return await handler(request)
+        bucket, capacity, policy = limit
+        tenant = ctx.tenant
+        assert tenant is not None  # the tenant stage ran
         with telemetry.span("edge.ratelimit") as span:
             if capacity >= 1:
                 decision = await buckets.take(bucket, capacity)
@@ -59,14 +100,7 @@ def ratelimit_stage(
                 ctx.limit_decision = "rejected"
             if span is not None:
                 span.set_attribute("flatrender.limiter", ctx.limit_decision)
-        # On the context, so they reach error answers and upstream answers alike. The key's
-        # items come first in the two list fields; the quota stage's items follow (§13).
-        headers = limit_headers(decision, policy)
-        for name in ITEM_FIELDS:
-            later = ctx.response_headers.get(name)
-            if later is not None:
-                headers[name] = f"{headers[name]}, {later}"
-        ctx.response_headers.update(headers)
+        _add_headers(ctx, limit_headers(decision, policy))
         if ctx.limit_decision == "rejected":
             raise RateLimited()
         return await handler(request)

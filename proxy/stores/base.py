@@ -43,6 +43,9 @@ class BucketStore(Protocol):
     async def take(self, bucket: str, capacity: int) -> Decision:
         """Take one token from ``bucket`` (capacity ``capacity`` per minute) if there is one."""
 
+    async def peek(self, bucket: str, capacity: int) -> Decision:
+        """What ``take`` would report, taking nothing."""
+
     async def ready(self) -> bool:
         """False when decisions cannot be made as configured."""
 

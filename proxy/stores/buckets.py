@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from cachetools import TTLCache
 
-from proxy.core.bucket import WINDOW_S, BucketState, Decision, take
+from proxy.core.bucket import WINDOW_S, BucketState, Decision, peek, take
 
 
 class MemoryBucketStore:
@@ -32,6 +32,12 @@ class MemoryBucketStore:
         state, decision = take(self._buckets.get(bucket), capacity, self._clock())
         self._buckets[bucket] = state
         return decision
+
+    async def peek(self, bucket: str, capacity: int) -> Decision:
+        return self.peek_now(bucket, capacity)
+
+    def peek_now(self, bucket: str, capacity: int) -> Decision:
+        return peek(self._buckets.get(bucket), capacity, self._clock())
 
     async def ready(self) -> bool:
         return True

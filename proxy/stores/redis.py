@@ -46,7 +46,8 @@ from proxy.stores.resp import PipelinedRedis, RespError, parse_url
 log = logging.getLogger("proxy.ratelimit")
 
 # KEYS: one bucket per check (a key may repeat: checks apply in order). ARGV: the capacity of
-# each check, then optionally a fixed "now" (tests only: the table shared with core.bucket).
+# each check (negative: a peek, which reports and takes nothing, like core.bucket.peek), then
+# optionally a fixed "now" (tests only: the table shared with core.bucket).
 BATCH_SCRIPT = """
 local n = #KEYS
 local now
@@ -63,6 +64,8 @@ local out = {}
 for i = 1, n do
   local key = KEYS[i]
   local capacity = tonumber(ARGV[i])
+  local peek = capacity < 0
+  if peek then capacity = -capacity end
   local rate = capacity / 60
   local tokens = tokens_of[key]
   if tokens == nil then
@@ -85,7 +88,7 @@ for i = 1, n do
   end
   local allowed = 0
   if tokens >= 1 then
-    tokens = tokens - 1
+    if not peek then tokens = tokens - 1 end
     allowed = 1
   end
   tokens_of[key] = tokens
@@ -113,6 +116,7 @@ class _Check:
     bucket: str
     capacity: int
     future: asyncio.Future[Decision]
+    peek: bool = False
 
 
 class ScriptClient(Protocol):
@@ -195,20 +199,33 @@ class RedisBucketStore:
                 self.shortcut_rejections += 1
                 return decide(False, tokens + (now - at) * capacity / 60, capacity)
             del self._limited[bucket]
+        return await self._check(_Check(bucket, capacity, self._future()))
+
+    async def peek(self, bucket: str, capacity: int) -> Decision:
+        """Sent in the same batches as ``take`` (as a check of negative capacity)."""
+        return await self._check(_Check(bucket, capacity, self._future(), peek=True))
+
+    @staticmethod
+    def _future() -> asyncio.Future[Decision]:
+        return asyncio.get_running_loop().create_future()
+
+    async def _check(self, check: _Check) -> Decision:
         if self._open:
-            return self._degraded(bucket, capacity)
-        future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Check(bucket, capacity, future))
+            return self._degraded(check.bucket, check.capacity, check.peek)
+        self._pending.append(check)
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
-        return await future
+        return await check.future
 
-    def _degraded(self, bucket: str, capacity: int) -> Decision:
+    def _degraded(self, bucket: str, capacity: int, peek: bool = False) -> Decision:
         if not self._fail_open:
             raise RateLimiterUnavailable()
+        share = max(1, capacity // self._divisor)
+        if peek:
+            return self._fallback.peek_now(bucket, share)
         self.degraded_decisions += 1
-        return self._fallback.take_now(bucket, max(1, capacity // self._divisor))
+        return self._fallback.take_now(bucket, share)
 
     def _flush(self) -> None:
         """One script call per batch, answered through a callback: no task per call, and the
@@ -226,7 +243,8 @@ class RedisBucketStore:
             self.commands_sent += 1
             try:
                 reply = self._client.run(
-                    [bucket_key(c.bucket) for c in checks], [c.capacity for c in checks]
+                    [bucket_key(c.bucket) for c in checks],
+                    [-c.capacity if c.peek else c.capacity for c in checks],
                 )
             except Exception as e:  # nothing may leave these checks unanswered
                 self._failed(checks, e)
@@ -281,7 +299,7 @@ class RedisBucketStore:
         for c in checks:
             if not c.future.done():
                 try:
-                    c.future.set_result(self._degraded(c.bucket, c.capacity))
+                    c.future.set_result(self._degraded(c.bucket, c.capacity, c.peek))
                 except RateLimiterUnavailable as err:
                     c.future.set_exception(err)
 

@@ -59,8 +59,11 @@ def test_in_process_quota_and_jsonl_rows(echo: Echo, tmp_path: Path) -> None:
         now = datetime.now(UTC)
         assert status == 429
         assert 0 <= int(headers["retry-after"]) - seconds_until_next_month(now) <= 5
-        assert headers["ratelimit-policy"] == f'"renders";q=2;w={seconds_in_month(now)}'
-        assert headers["ratelimit"].startswith('"renders";r=0;t=')
+        # The key's items first (read without taking a token), then the quota's.
+        policy = f'"key";q=1000;w=60, "renders";q=2;w={seconds_in_month(now)}'
+        assert headers["ratelimit-policy"] == policy
+        assert headers["ratelimit"].split(", ")[1].startswith('"renders";r=0;t=')
+        assert headers["x-ratelimit-limit"] == "1000"
     finally:
         stop(proxy.proc)  # SIGTERM writes every pending row
     rows = [orjson.loads(line) for line in audit.read_bytes().splitlines()]

@@ -222,7 +222,10 @@ async def test_quota_of_n_admits_exactly_n_of_a_burst_of_3n_over_three_processes
     expected = seconds_until_next_month(datetime.now(UTC))
     for a in refused:
         assert 0 <= int(a.headers["Retry-After"]) - expected <= 5
-        assert a.headers["RateLimit"].startswith('"renders";r=0;t=')
+        # The key's figures (read, not taken), then the quota's.
+        key_item, renders_item = a.headers["RateLimit"].split(", ")
+        assert key_item.startswith('"key";r=')
+        assert renders_item.startswith('"renders";r=0;t=')
     # Metering agrees: renders_started is exactly the admitted renders, once each.
     await settles(lambda: renders_started(db, tenant), n)
     await settles(lambda: audited(db, tenant), 3 * n)
@@ -313,7 +316,9 @@ async def test_null_is_unlimited_and_zero_allows_none(
     negative = await new_tenant(db, -3)
     refused = await call(http, proxies[0], negative)
     assert refused.code == "render_quota_exceeded"
-    assert refused.headers["RateLimit-Policy"].startswith('"renders";q=0;')
+    assert refused.headers["RateLimit-Policy"].endswith(
+        f'"renders";q=0;w={seconds_in_month(datetime.now(UTC))}'
+    )
 
 
 async def test_headers_follow_the_keys_and_a_refusal_spends_no_token(
@@ -331,9 +336,16 @@ async def test_headers_follow_the_keys_and_a_refusal_spends_no_token(
     assert left == "1"
     assert 0 <= int(reset) - seconds_until_next_month(now) <= 5
     assert (await call(http, proxies[1], tenant)).status == 200  # the quota is used up
-    # Five quota refusals: none of them takes a rate-limit token.
+    # Five quota refusals: none of them takes a rate-limit token, and each says so in the
+    # key's items, which come first as on any keyed answer.
     for _ in range(5):
-        assert (await call(http, proxies[1], tenant)).code == "render_quota_exceeded"
+        refused = await call(http, proxies[1], tenant)
+        assert refused.code == "render_quota_exceeded"
+        assert refused.headers["X-RateLimit-Remaining"] == "1"
+        assert refused.headers["RateLimit-Policy"] == policy
+        assert refused.headers["RateLimit"].startswith('"key";r=1;t=')
+        assert refused.headers["RateLimit"].split(", ")[1].startswith('"renders";r=0;t=')
+        assert 0 <= int(refused.headers["Retry-After"]) - seconds_until_next_month(now) <= 5
     last_token = await call(http, proxies[1], tenant, method="GET")
     assert last_token.status == 200
     assert last_token.headers["X-RateLimit-Remaining"] == "0"

@@ -27,6 +27,7 @@ from proxy.core.bucket import (
     decide,
     limit_headers,
     nothing_allowed,
+    peek,
     seconds_until_token,
     take,
 )
@@ -339,6 +340,9 @@ class _StoreThatMustNotBeAsked:
     async def take(self, bucket: str, capacity: int) -> Decision:
         raise AssertionError(f"asked the store for a capacity of {capacity}")
 
+    async def peek(self, bucket: str, capacity: int) -> Decision:
+        raise AssertionError(f"asked the store for a capacity of {capacity}")
+
 
 @pytest.mark.parametrize("shadow", [False, True])
 async def test_a_zero_rpm_key_never_reaches_the_bucket_store(shadow: bool) -> None:
@@ -384,3 +388,26 @@ async def test_a_zero_rpm_key_never_reaches_the_bucket_store(shadow: bool) -> No
         assert counters.rejected == 1
     assert ctx.response_headers["X-RateLimit-Limit"] == "0"
     assert ctx.response_headers["Retry-After"] == "60"
+
+
+# --------------------------------------------------------------------------- peek
+
+
+@pytest.mark.parametrize(
+    ("state", "now", "allowed", "remaining"),
+    [
+        (None, 0.0, True, 60),  # an absent bucket is full
+        (BucketState(0.0, 0.0), 0.0, False, 0),
+        (BucketState(0.0, 0.0), 1.0, True, 1),  # a token a second at 60 rpm
+        (BucketState(5.5, 10.0), 9.0, True, 5),  # a clock that stepped back drains nothing
+        (BucketState(59.0, 0.0), 600.0, True, 60),  # never above capacity
+    ],
+)
+def test_peek_reports_what_take_would_find_and_takes_nothing(
+    state: BucketState | None, now: float, allowed: bool, remaining: int
+) -> None:
+    d = peek(state, 60, now)
+    assert (d.allowed, d.remaining) == (allowed, remaining)
+    _, taken = take(state, 60, now)
+    assert taken.allowed == allowed
+    assert taken.remaining == (remaining - 1 if allowed else remaining)
