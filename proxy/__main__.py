@@ -404,6 +404,7 @@ def _on_database(dsn: str, work: Callable[[asyncpg.Connection], Awaitable[_T]]) 
     from proxy.domains.store import DomainRefused
     from proxy.migrate import MigrationError, close_connection, open_connection
     from proxy.stores.keyadmin import KeyAdminError
+    from proxy.webhooks.store import AdminError
 
     async def run() -> _T:
         conn = await open_connection(dsn)
@@ -414,7 +415,7 @@ def _on_database(dsn: str, work: Callable[[asyncpg.Connection], Awaitable[_T]]) 
 
     try:
         return asyncio.run(run())
-    except (MigrationError, KeyAdminError, DomainRefused) as e:
+    except (MigrationError, KeyAdminError, DomainRefused, AdminError) as e:
         raise ConfigError(str(e)) from None
     except (
         asyncpg.InvalidSchemaNameError,
@@ -447,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("events", "webhooks"):
             from proxy.webhooks import cli
 
-            return cli.events(args) if args.command == "events" else cli.webhooks(args)
+            return cli.run(args, _on_database)
         return _migrate(args)
     except ConfigError as e:
         for problem in e.problems:

@@ -7,13 +7,12 @@ a ``ConfigError``, which the CLI prints as one line with exit status 2.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 import orjson
@@ -22,6 +21,10 @@ from proxy.core.events import valid_type
 from proxy.settings import ConfigError, load_settings
 
 _T = TypeVar("_T")
+
+
+class OnDatabase(Protocol):
+    def __call__(self, dsn: str, work: Callable[[asyncpg.Connection], Awaitable[_T]]) -> _T: ...
 
 
 def add_commands(sub: Any) -> None:
@@ -58,30 +61,15 @@ def _dsn(command: str) -> str:
     return dsn
 
 
-def _with_connection(dsn: str, fn: Callable[[asyncpg.Connection], Awaitable[_T]]) -> _T:
-    from proxy.migrate import MigrationError, close_connection, open_connection
-    from proxy.webhooks.store import AdminError
-
-    async def run() -> _T:
-        conn = await open_connection(dsn)
-        try:
-            return await fn(conn)
-        finally:
-            await close_connection(conn)
-
-    try:
-        return asyncio.run(run())
-    except (MigrationError, AdminError) as e:
-        raise ConfigError(str(e)) from None
-    except (asyncpg.UndefinedFunctionError, asyncpg.UndefinedTableError):
-        raise ConfigError("database not migrated: run `python -m proxy migrate` first") from None
-    except asyncpg.PostgresError as e:
-        raise ConfigError(f"database refused: {' '.join(str(e).split())}") from None
-    except (OSError, TimeoutError, asyncpg.InterfaceError) as e:
-        raise ConfigError(f"database connection lost: {type(e).__name__}") from None
+def run(args: argparse.Namespace, on_database: OnDatabase) -> int:
+    """Run ``events ...`` or ``webhooks ...``; ``on_database`` is the CLI's one way of doing a
+    command's work on a connection of its own, every failure mapped to one line."""
+    if args.command == "events":
+        return _events(args, on_database)
+    return _webhooks(args, on_database)
 
 
-def events(args: argparse.Namespace) -> int:
+def _events(args: argparse.Namespace, on_database: OnDatabase) -> int:
     from proxy.webhooks.store import publish
 
     if not valid_type(args.type):
@@ -97,7 +85,7 @@ def events(args: argparse.Namespace) -> int:
         raise ConfigError("--data: must be a JSON object")
     event_id = _uuid(args.id, "--id") if args.id else str(uuid.uuid4())
     dsn = _dsn("events publish")
-    new = _with_connection(
+    new = on_database(
         dsn,
         lambda c: publish(
             c, args.tenant, args.type, orjson.dumps(data).decode(), event_id, datetime.now(UTC)
@@ -107,19 +95,19 @@ def events(args: argparse.Namespace) -> int:
     return 0
 
 
-def webhooks(args: argparse.Namespace) -> int:
+def _webhooks(args: argparse.Namespace, on_database: OnDatabase) -> int:
     from proxy.webhooks.store import enable, replay
 
     if args.webhooks_command == "run":
         return _run(args)
     if args.webhooks_command == "enable":
         webhook_id = _uuid(args.webhook_id, "WEBHOOK_ID")
-        _with_connection(_dsn("webhooks enable"), lambda c: enable(c, webhook_id))
+        on_database(_dsn("webhooks enable"), lambda c: enable(c, webhook_id))
         print(json.dumps({"id": webhook_id, "enabled": True}))
         return 0
     event_id = _uuid(args.event, "--event")
     hook = _uuid(args.webhook, "--webhook") if args.webhook else None
-    made = _with_connection(_dsn("webhooks replay"), lambda c: replay(c, event_id, hook))
+    made = on_database(_dsn("webhooks replay"), lambda c: replay(c, event_id, hook))
     print(json.dumps({"event": event_id, "deliveries": made}))
     return 0
 
