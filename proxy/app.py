@@ -224,6 +224,8 @@ class Stores:
     identity: CachedIdentityStore | None = None  # the Postgres-backed store, when configured
     limits: LimitCounters = field(default_factory=LimitCounters)
     quotas: QuotaStore = field(default_factory=MemoryQuotaStore)
+    # Jobs `serve` runs beside the stores (the webhook dispatcher's), for the failures metric.
+    more_jobs: list[Job] = field(default_factory=list)
 
     async def start(self) -> None:
         await self.buckets.start()
@@ -247,7 +249,8 @@ class Stores:
     def jobs(self) -> list[Job]:
         """The background jobs the stores run (their failures are a metric)."""
         held = (self.usage, self.audit)
-        return [x.job for x in held if isinstance(x, UsageRecorder | JsonlAuditSink)]
+        own = [x.job for x in held if isinstance(x, UsageRecorder | JsonlAuditSink)]
+        return [*own, *self.more_jobs]
 
     async def ready(self) -> bool:
         identity = await self.identity.ready() if self.identity is not None else True
@@ -507,6 +510,7 @@ async def serve(
     webhooks = webhook_jobs(settings, telemetry)
     if webhooks is not None:
         await webhooks.start()
+        stores.more_jobs.extend(webhooks.jobs)
     log.warning("listening on %s, admin on %s (pid %d)", s.listen, s.admin_listen, os.getpid())
     verifier = await start_verifier(settings, telemetry, utc_now)  # CONTRACT §12
     freeze_startup_objects()

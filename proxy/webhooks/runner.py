@@ -21,7 +21,7 @@ from aiohttp.abc import AbstractResolver
 from prometheus_client.core import Metric
 
 from proxy.access_log import AccessLog
-from proxy.background import Job, job_failures
+from proxy.background import Job
 from proxy.settings import Settings, WebhookSettings
 from proxy.stores.postgres import DB_ERRORS, ChangeListener, close_pool, create_pool
 from proxy.telemetry import Telemetry, gauge
@@ -70,6 +70,11 @@ class WebhookJobs:
         self.disabled = 0
         if telemetry is not None:
             telemetry.collect_from(self._metrics)
+
+    @property
+    def jobs(self) -> list[Job]:
+        """For ``edge_background_job_failures`` (the server's collector lists them)."""
+        return list(self._jobs)
 
     @property
     def listening(self) -> bool:
@@ -165,8 +170,6 @@ class WebhookJobs:
                 "Webhook attempts being made by this process",
                 self.dispatcher.in_flight,
             )
-        if self._jobs:
-            yield job_failures(self._jobs)
 
 
 class Repeat(Job):

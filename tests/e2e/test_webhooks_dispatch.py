@@ -10,13 +10,11 @@ import io
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import asyncpg
 import orjson
 import pytest
-import pytest_asyncio
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from standardwebhooks.webhooks import Webhook
 
@@ -38,11 +36,11 @@ from tests.e2e.webhooks import (
 from tests.unit.test_webhook_destinations import FakeResolver
 
 
-@pytest_asyncio.fixture
-async def db(migrated_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(migrated_dsn)
-    yield conn
-    await conn.close()
+@pytest.fixture
+def dsn(migrated_dsn: str) -> str:
+    """A fresh database per test (the e2e ``db`` fixture connects to it): no test sees
+    another's due attempts."""
+    return migrated_dsn
 
 
 async def webhook_row(db: asyncpg.Connection, webhook_id: str) -> asyncpg.Record:

@@ -12,25 +12,25 @@ import sys
 import tempfile
 import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import orjson
-import pytest_asyncio
+import pytest
 
 from tests.e2e.support import within
 from tests.e2e.webhooks import add_webhook, holds, new_tenant, publish, receiving
 from tests.procs import ROOT, start_proxy, stop, write_config
 
 
-@pytest_asyncio.fixture
-async def db(migrated_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(migrated_dsn)
-    yield conn
-    await conn.close()
+@pytest.fixture
+def dsn(migrated_dsn: str) -> str:
+    """A fresh database per test (the e2e ``db`` fixture connects to it): no test sees
+    another's due attempts."""
+    return migrated_dsn
 
 
 def config(tmp: Path, **webhooks: Any) -> Path:
@@ -191,3 +191,6 @@ async def test_serve_runs_a_dispatcher_and_shows_its_figures(
             stop(proxy.proc)
     assert "edge_webhook_attempt_duration_seconds_count 1.0" in text
     assert "edge_webhooks_disabled 0.0" in text
+    # Its jobs are in the server's one failures family (a second family would be invalid).
+    assert 'edge_background_job_failures_total{background_job="webhook-dispatcher"} 0.0' in text
+    assert text.count("# TYPE edge_background_job_failures_total counter") == 1
