@@ -481,6 +481,8 @@ async def serve(
         max_headers=s.max_headers,
         max_line_size=s.max_line_size,
         max_field_size=s.max_field_size,
+        proxy_protocol=s.proxy_protocol,
+        trusted_proxies=s.trusted_proxies,
     )
     listener = await listen(
         runner, s.listen.host, s.listen.port, gate, handler_kwargs, backlog=1024

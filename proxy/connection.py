@@ -64,7 +64,7 @@ import asyncio
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -75,7 +75,9 @@ from aiohttp.http import HttpVersion11, RawRequestMessage
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.streams import StreamReader
 
-from proxy.context import CTX, UNSERVED_VERSION
+from proxy.context import CLIENT_SCHEME, CTX, UNSERVED_VERSION
+from proxy.core.forwarding import IPNetwork, trusted_peer
+from proxy.core.proxy_header import BadProxyHeader, parse_proxy_header, starts_with_proxy_header
 from proxy.errors import (
     BadRequest,
     HeadersTooLarge,
@@ -110,7 +112,9 @@ class ConnectionGate:
         "max_headers",
         "max_line_size",
         "open",
+        "proxy_protocol",
         "refusals",
+        "trusted_proxies",
     )
 
     def __init__(
@@ -121,7 +125,13 @@ class ConnectionGate:
         max_headers: int,
         max_line_size: int,
         max_field_size: int,
+        proxy_protocol: bool = False,
+        trusted_proxies: Sequence[IPNetwork] = (),
     ) -> None:
+        # server.proxy_protocol: connections from trusted_proxies may begin with a PROXY
+        # header; from anyone else, one that does is closed without an answer.
+        self.proxy_protocol = proxy_protocol
+        self.trusted_proxies = tuple(trusted_proxies)
         self.header_timeout_s = header_timeout_s
         self.max_connections = max_connections
         self.max_headers = max_headers
@@ -131,7 +141,8 @@ class ConnectionGate:
         # What was refused here, before the application saw a request, since start (for
         # /metrics: an attack made only of malformed heads is otherwise invisible there). The
         # reason is the contract code answered, or "no_request" (a connection closed at the
-        # head deadline without a byte) or "connection_limit" (closed at max_connections).
+        # head deadline without a byte) or "connection_limit" (closed at max_connections), or
+        # "proxy_header_untrusted" / "proxy_header_malformed" (closed at its first bytes).
         self.refusals: dict[str, int] = {}
         self._last_report = -1e9
         self.connections: set[EdgeRequestHandler] = set()  # admitted and open
@@ -232,6 +243,9 @@ class EdgeRequestHandler(web.RequestHandler):
         "_gate",
         "_head_bytes",
         "_last_body",
+        "_preamble",
+        "_source",
+        "client_tls",
         "departed",
         "head_deadline",
     )
@@ -246,6 +260,11 @@ class EdgeRequestHandler(web.RequestHandler):
         self._head_bytes = False  # bytes of the next head have arrived
         self.head_deadline = _NONE  # loop time by which the awaited head must be complete
         self._last_body: StreamReader | None = None  # the body of the last request handled
+        # PROXY protocol: the first bytes while it is not yet known whether they are a header
+        # (None: not expected, or done), and the client's address and TLS it named.
+        self._preamble: bytearray | None = None
+        self._source: tuple[str, int] | None = None
+        self.client_tls = False
 
     # ------------------------------------------------------------------ asyncio.Protocol
 
@@ -258,6 +277,8 @@ class EdgeRequestHandler(web.RequestHandler):
         super().connection_made(transport)
         self._gate.watch(self)
         self._arm()  # a new connection must send its first head in time (nginx does too)
+        if self._gate.proxy_protocol:
+            self._preamble = bytearray()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if not self._admitted:
@@ -278,9 +299,22 @@ class EdgeRequestHandler(web.RequestHandler):
         ``handler_cancellation`` would cancel every stage, store calls included."""
         self._departure = task
 
+    @property
+    def peername(self) -> Any:
+        """The client's address from a believed PROXY header, else the socket's peer. aiohttp
+        reads it into ``request.remote``, which every stage takes the client address from."""
+        if self._source is not None:
+            return self._source
+        return super().peername
+
     def data_received(self, data: bytes) -> None:
         if not self._admitted:
             return
+        if self._preamble is not None:
+            rest = self._proxy_preamble(data)
+            if not rest:
+                return
+            data = rest
         # Bytes that arrive while no request is being handled and the last one's body is
         # complete belong to the next head: its clock starts with the first of them. Body
         # bytes (an upload in progress, or aiohttp's lingering read) never start it.
@@ -298,6 +332,46 @@ class EdgeRequestHandler(web.RequestHandler):
             # can only be an error (a bad chunk size arriving after the head). aiohttp queues
             # it behind the request and leaves the request's body waiting forever.
             self._refuse_body(request)
+
+    def _proxy_preamble(self, data: bytes) -> bytes | None:
+        """Take a PROXY header off the connection's first bytes (``server.proxy_protocol``);
+        returns the bytes that follow it (the client's own), or None while undecided or once
+        the connection is closed. From a peer outside ``trusted_proxies`` a header is refused:
+        believing it would let anyone choose the address that allowed_ips, per-IP limits and
+        audit rows see. Refused either way without an answer: whoever sent it is not speaking
+        HTTP yet, and haproxy and nginx close silently too."""
+        assert self._preamble is not None
+        buffered = self._preamble
+        buffered += data
+        start = starts_with_proxy_header(buffered)
+        if start is None:
+            return None
+        if not start:
+            self._preamble = None
+            return bytes(buffered)
+        peer = super().peername
+        address = peer[0] if isinstance(peer, tuple | list) else str(peer or "")
+        if not trusted_peer(address, self._gate.trusted_proxies):
+            self._refuse_preamble("proxy_header_untrusted", address)
+            return None
+        try:
+            header = parse_proxy_header(buffered)
+        except BadProxyHeader:
+            self._refuse_preamble("proxy_header_malformed", address)
+            return None
+        if header is None:
+            return None
+        self._preamble = None
+        self._source, self.client_tls = header.source, header.tls
+        return bytes(buffered[header.length :])
+
+    def _refuse_preamble(self, reason: str, peer: str) -> None:
+        self._preamble = None
+        self._gate.refuse(reason)
+        log.info("closed a connection from %s without an answer: %s", peer, reason)
+        transport = self.transport
+        if transport is not None:
+            transport.abort()
 
     # ------------------------------------------------------------------ aiohttp hooks
 
@@ -480,6 +554,8 @@ def _tolerant(factory: RequestFactory) -> RequestFactory:
             request = factory(relative, payload, protocol, writer, task)
         if unserved:
             request[UNSERVED_VERSION] = f"HTTP/{requested.major}.{requested.minor}"
+        if isinstance(protocol, EdgeRequestHandler) and protocol.client_tls:
+            request[CLIENT_SCHEME] = "https"  # a trusted front's PROXY header said so
         return request
 
     return make

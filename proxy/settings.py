@@ -72,6 +72,9 @@ class ServerSettings:
     max_connections: int = 10_000
     # Start even though aiohttp fell back to its pure-Python HTTP parser (proxy.cparser).
     allow_python_parser: bool = False
+    # Accept the PROXY protocol (v1 and v2) from trusted_proxies on the public listener; a
+    # connection from anyone else that begins with a PROXY header is closed (CONTRACT §7).
+    proxy_protocol: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,6 +419,7 @@ def _server(t: _Table) -> ServerSettings:
         shutdown_timeout_s=t.positive("shutdown_timeout_s", d.shutdown_timeout_s),
         max_connections=t.positive_int("max_connections", d.max_connections),
         allow_python_parser=t.flag("allow_python_parser", d.allow_python_parser),
+        proxy_protocol=t.flag("proxy_protocol", d.proxy_protocol),
     )
     t.finish()
     if not s.allow_python_parser and not c_parser_in_use():
