@@ -423,3 +423,25 @@ async def test_renders_started_equals_the_audited_2xx_posts_on_metered_routes(
         )
 
     await within(5, agree)
+
+
+async def test_without_redis_a_new_process_rebuilds_the_count_from_postgres(
+    http: aiohttp.ClientSession,
+    db: asyncpg.Pool,
+    dsn: str,
+    echo: Echo,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    config = _config(tmp_path_factory.mktemp("quota-in-process"), echo)
+    tenant = await new_tenant(db, 2)
+    first = await asyncio.to_thread(start_proxy, config, {"DATABASE_URL": dsn})
+    try:
+        assert [(await call(http, first, tenant)).status for _ in range(3)] == [200, 200, 429]
+    finally:
+        await asyncio.to_thread(stop, first.proc)  # SIGTERM: the audit queue is written first
+    assert await renders_started(db, tenant) == 2
+    second = await asyncio.to_thread(start_proxy, config, {"DATABASE_URL": dsn})
+    try:
+        assert (await call(http, second, tenant)).code == "render_quota_exceeded"
+    finally:
+        await asyncio.to_thread(stop, second.proc)

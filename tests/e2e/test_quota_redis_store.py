@@ -1,11 +1,14 @@
 """The Redis render-quota store against a real Redis (CONTRACT §13): leases of a process that
-died, Redis unreachable under both failure modes, and the units kept meanwhile."""
+died, Redis unreachable under both failure modes (and a proxy process in closed mode), the units
+kept meanwhile, and Redis Cluster."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
+from pathlib import Path
 
+import orjson
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
@@ -15,9 +18,11 @@ from proxy.errors import RateLimiterUnavailable
 from proxy.stores.quota import QUOTA_SCRIPT, RedisQuotaStore, quota_keys
 from proxy.stores.redis import make_client
 from tests.e2e.support import within
-from tests.servers import RedisServer
+from tests.procs import Echo, raw_request, start_proxy, stop, write_config
+from tests.servers import RedisClusterServer, RedisServer
 
 TENANT = "eeeeeeee-0000-0000-0000-000000000001"
+HOST = "renders.quota.test"
 DEADLINE_S = 1.0  # generous: a call missing it on a busy machine would trip the breaker
 
 
@@ -158,3 +163,84 @@ async def test_open_mode_admits_a_share_of_the_last_known_remainder(
 
 async def _healthy(quotas: RedisQuotaStore) -> bool:
     return quotas.healthy
+
+
+async def test_cluster_mode_decides_on_the_tenants_node(redis_cluster: RedisClusterServer) -> None:
+    """Both keys of a decision carry the tenant's hash tag: one node runs the script (a
+    CROSSSLOT error otherwise), and different tenants spread over the nodes."""
+    await redis_cluster.astart()  # heals after a test that left a node down
+    now = datetime.now(UTC)
+    client = make_client(redis_cluster.url, "cluster", None, DEADLINE_S, QUOTA_SCRIPT)
+    quotas = RedisQuotaStore(
+        client, rebuild=History(), deadline_s=DEADLINE_S, failure_mode="closed"
+    )
+    await quotas.start()
+    try:
+        tenants = [f"eeeeeeee-0000-0000-0000-{i:012d}" for i in range(12)]
+        for tenant in tenants:
+            first = await quotas.reserve(tenant, 1, now)
+            assert first.admitted
+            assert not (await quotas.reserve(tenant, 1, now)).admitted
+            quotas.settle(tenant, month_id(now), first.reservation, False)
+            assert (await quotas.reserve(tenant, 1, now)).admitted  # given back
+        assert quotas.healthy and quotas.counters.rebuilds == len(tenants)
+        nodes = {
+            redis_cluster.node_for_slot(_slot(quota_keys(t, month_id(now))[0])) for t in tenants
+        }
+        assert len(nodes) > 1
+    finally:
+        await quotas.close()
+
+
+def _slot(key: str) -> int:
+    from redis.crc import key_slot
+
+    return int(key_slot(key.encode()))
+
+
+def test_a_proxy_in_closed_mode_refuses_metered_posts_while_redis_is_down(
+    own_redis: RedisServer, echo: Echo, tmp_path: Path
+) -> None:
+    """Through a real process: no key on the route, so the 503 is the quota's own."""
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(
+        f'[[tenants]]\nid = "{TENANT}"\nslug = "quota"\nstatus = "Active"\n'
+        f'custom_domain = "{HOST}"\ndomain_verified = true\nmonthly_render_qty = 5\n'
+    )
+    config = write_config(
+        tmp_path / "edge.toml",
+        tenancy={"embedded_file": str(tenants)},
+        upstreams={"render-api": {"urls": [echo.url]}},
+        routes=[
+            {
+                "prefix": "/v1/renders",
+                "upstream": "render-api",
+                "auth": "none",
+                "audit": True,
+                "meter": "renders",
+            }
+        ],
+    )
+    config.write_text(
+        config.read_text()
+        + f'\n[audit]\njsonl_path = "{tmp_path / "audit.jsonl"}"\n'
+        + '[ratelimit]\nfailure_mode = "closed"\ntimeout_ms = 1000\n'
+    )
+    proxy = start_proxy(config, env={"REDIS_URL": own_redis.url})
+    try:
+
+        def post() -> tuple[int, bytes]:
+            r = raw_request(
+                proxy.port,
+                f"POST /v1/renders HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 0\r\n"
+                "Connection: close\r\n\r\n".encode(),
+            )
+            return r.status, r.body
+
+        assert post()[0] == 200
+        own_redis.stop()
+        status, body = post()
+        assert status == 503
+        assert orjson.loads(body)["error"]["code"] == "rate_limiter_unavailable"
+    finally:
+        stop(proxy.proc)
