@@ -438,11 +438,17 @@ def test_haproxy_balances_over_the_public_port_and_checks_readiness() -> None:
     assert re.search(r"^\s*server-template edge 2 edge:8080$", cfg, re.M)
     assert re.search(r"^\s*option httpchk GET /readyz$", cfg, re.M)
     assert re.search(r"check port 9901\b", cfg)
-    assert re.search(r"^\s*http-request set-header X-Forwarded-For %\[src\]$", cfg, re.M)
-    # haproxy's server timeout outlasts the proxy's upstream read timeout (its 504 wins).
-    (server_timeout,) = re.findall(r"^\s*timeout server (\d+)s$", cfg, re.M)
+    # A TCP front that names the client with PROXY v2, which the edge accepts from it alone.
+    assert re.search(r"^\s*mode tcp$", cfg, re.M)
+    assert re.search(r"^\s*default-server send-proxy-v2 ", cfg, re.M)
     settings = _settings(DEPLOY / "edge.toml")
+    assert settings.server.proxy_protocol
+    # haproxy's server timeout outlasts the proxy's upstream read timeout (its 504 wins), and
+    # its idle timeouts do not undercut the edge's keep-alive.
+    (server_timeout,) = re.findall(r"^\s*timeout server (\d+)s$", cfg, re.M)
+    (client_timeout,) = re.findall(r"^\s*timeout client (\d+)s$", cfg, re.M)
     assert int(server_timeout) > settings.upstreams["render-api"].read_timeout_s
+    assert min(int(server_timeout), int(client_timeout)) >= settings.server.keepalive_timeout_s
 
 
 # --------------------------------------------------------------------------- deploy/, YAML
