@@ -161,18 +161,25 @@ class Job:
 
 
 class Periodic(Job):
-    """``tick`` every ``interval_s`` seconds, and once more on ``stop`` (the final flush)."""
+    """``tick`` every ``interval_s`` seconds, and once more on ``stop`` (the final flush).
+    ``at_start``: also once as soon as it starts; ``on_stop=False``: no tick on ``stop`` (a
+    sweep or a figure, where a final round would only delay the shutdown)."""
 
     def __init__(
         self,
         name: str,
         interval_s: float,
         tick: Callable[[], Awaitable[None] | None],
+        *,
+        at_start: bool = False,
+        on_stop: bool = True,
         **job_options: Any,
     ) -> None:
         super().__init__(name, **job_options)
         self.interval_s = interval_s
         self._tick = tick
+        self._at_start = at_start
+        self._on_stop = on_stop
 
     async def _call(self) -> None:
         result = self._tick()
@@ -180,12 +187,16 @@ class Periodic(Job):
             await result
 
     async def run(self) -> None:
+        if self._at_start and not self.stopping:
+            await self._call()
+            self.succeeded()
         while not await self.sleep(self.interval_s):
             await self._call()
             self.succeeded()
 
     async def finish(self) -> None:
-        await self._call()
+        if self._on_stop:
+            await self._call()
 
 
 async def cancel(task: asyncio.Task[Any] | None) -> None:

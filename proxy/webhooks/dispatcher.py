@@ -203,7 +203,13 @@ class Dispatcher(Job):
                 timeout=aiohttp.ClientTimeout(total=self._settings.timeout_s),
             ) as response:
                 status = response.status
-                raw = await response.content.read(_READ_BYTES)
+                # The first bytes only: a receiver answering gigabytes costs us 16 KiB.
+                raw = bytearray()
+                while len(raw) < _READ_BYTES:
+                    chunk = await response.content.read(_READ_BYTES - len(raw))
+                    if not chunk:
+                        break
+                    raw += chunk
                 text = raw.decode("utf-8", "replace").replace("\x00", "")[:RESPONSE_BODY_CHARS]
                 if not 200 <= status < 300:
                     error = f"http_{status}"

@@ -12,7 +12,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import aiohttp
@@ -21,7 +21,7 @@ from aiohttp.abc import AbstractResolver
 from prometheus_client.core import Metric
 
 from proxy.access_log import AccessLog
-from proxy.background import Job
+from proxy.background import Job, Periodic
 from proxy.settings import Settings, WebhookSettings
 from proxy.stores.postgres import DB_ERRORS, ChangeListener, close_pool, create_pool
 from proxy.telemetry import Telemetry, gauge
@@ -123,8 +123,20 @@ class WebhookJobs:
         self._listener.start()
         self._jobs = [
             dispatcher,
-            Repeat("webhook-retention", RETENTION_EVERY_S, lambda: self._retention(store)),
-            Repeat("webhook-figures", FIGURES_EVERY_S, lambda: self._figures(store)),
+            Periodic(
+                "webhook-retention",
+                RETENTION_EVERY_S,
+                lambda: self._retention(store),
+                at_start=True,
+                on_stop=False,
+            ),
+            Periodic(
+                "webhook-figures",
+                FIGURES_EVERY_S,
+                lambda: self._figures(store),
+                at_start=True,
+                on_stop=False,
+            ),
         ]
         for job in self._jobs:
             job.start()
@@ -170,22 +182,6 @@ class WebhookJobs:
                 "Webhook attempts being made by this process",
                 self.dispatcher.in_flight,
             )
-
-
-class Repeat(Job):
-    """``tick`` at once, then every ``interval_s`` until stopped (nothing more on stop)."""
-
-    def __init__(self, name: str, interval_s: float, tick: Callable[[], Awaitable[None]]) -> None:
-        super().__init__(name)
-        self._interval = interval_s
-        self._tick = tick
-
-    async def run(self) -> None:
-        while True:
-            await self._tick()
-            self.succeeded()
-            if await self.sleep(self._interval):
-                return
 
 
 def webhook_jobs(settings: Settings, telemetry: Telemetry | None) -> WebhookJobs | None:

@@ -213,6 +213,24 @@ async def test_disabled_after_n_consecutive_failures(
     assert all(row["next_retry_at"] is None for row in rows)
 
 
+async def test_the_response_body_kept_is_its_first_4096_characters(
+    db: asyncpg.Connection, dsn: str
+) -> None:
+    tenant = await new_tenant(db)
+    # Multi-byte characters, a NUL (Postgres text cannot hold one) and far more than is kept.
+    async with receiving(text="é\x00" + "ü" * 100_000) as r:
+        hook = await add_webhook(db, tenant, r.url())
+        async with dispatching(dsn):
+            await publish(db, tenant)
+
+            async def made() -> bool:
+                return any(row["succeeded"] for row in await attempts(db, hook))
+
+            await within(5, made)
+    (row,) = await attempts(db, hook)
+    assert row["response_body"] == "é" + "ü" * 4095
+
+
 async def test_a_redirect_is_a_failure_and_is_not_followed(
     db: asyncpg.Connection, migrated_dsn: str
 ) -> None:

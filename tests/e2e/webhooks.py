@@ -60,6 +60,7 @@ class Receiver:
     default: int = 200
     hang: bool = False
     delay_s: float = 0.0
+    text: str | None = None  # the body of every answer (default "answer <status>")
     received: list[Received] = field(default_factory=list)
     port: int = 0
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
@@ -78,7 +79,7 @@ class Receiver:
         status = self.statuses.pop(0) if self.statuses else self.default
         if 300 <= status < 400:
             return web.Response(status=status, headers={"Location": self.url("/redirected")})
-        return web.Response(status=status, text=f"answer {status}")
+        return web.Response(status=status, text=self.text or f"answer {status}")
 
     def ids(self) -> list[str]:
         return [r.event_id for r in self.received]

@@ -199,3 +199,25 @@ async def test_an_unavailable_store_keeps_usage_pending_until_it_returns() -> No
     recorder.record("k1", AT, None)
     await recorder.flush()
     assert total(written, "k1") == 2
+
+
+async def test_periodic_at_start_ticks_at_once_and_without_a_tick_on_stop() -> None:
+    ticks = 0
+    first = asyncio.Event()
+
+    def tick() -> None:
+        nonlocal ticks
+        ticks += 1
+        first.set()
+
+    # An hour between ticks: only at_start can make the first one now.
+    job = Periodic("sweep", 3600, tick, at_start=True, on_stop=False)
+    job.start()
+    await asyncio.wait_for(first.wait(), WAIT)
+    await job.stop()
+    assert ticks == 1  # no final tick on stop
+
+    flush = Periodic("flush", 3600, tick)
+    flush.start()
+    await flush.stop()
+    assert ticks == 2  # the default: no tick at start, one on stop
