@@ -1,11 +1,13 @@
 """Composition root: build the stores, the stages and the aiohttp applications from Settings.
 
 The order of stages follows DESIGN.md: entry (request id, errors) → target (Host, path) →
-challenge (custom-domain verification) → tenant → cors → status → route → audit → auth →
-render quota → rate limit → forward. CORS sits before the status check and routing so that their
-refusals carry CORS headers too; audit sits outside auth and rate limiting so that their
-refusals are recorded (CONTRACT §9); the quota comes before the rate limit so that a quota
-refusal spends no token (§13). Everything is built here once.
+challenge (custom-domain verification) → tenant → cors → route → audit → access (key
+identified, tenant status, key authorised) → render quota → rate limit → forward. CORS sits
+before routing and the status check so that their refusals carry CORS headers too, and answers
+preflights before anything is audited (they are not rows); audit needs the route (is it an audit
+route?) and sits outside the status check, auth, the quota and rate limiting so that every
+refusal of a resolved tenant is recorded (CONTRACT §9); the quota comes before the rate limit so
+that a quota refusal spends no token (§13). Everything is built here once.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from proxy.pipeline.forward import Forwarder
 from proxy.pipeline.quota import quota_stage
 from proxy.pipeline.ratelimit import LimitCounters, limit_without_a_token, ratelimit_stage
 from proxy.pipeline.routing import challenge_stage, route_stage, target_stage
-from proxy.pipeline.tenant import status_stage, tenant_stage
+from proxy.pipeline.tenant import tenant_stage
 from proxy.settings import ConfigError, Settings
 from proxy.stores.base import (
     AuditSink,
@@ -337,7 +339,6 @@ def build_app(
         challenge_stage(stores.challenges, settings.tenancy.platform_domains, clock),
         tenant_stage(stores.tenants, settings.tenancy.platform_domains, telemetry),
         cors_stage,
-        status_stage(clock),
         route_stage(routing),
     ]
     if stores.audit is not None:

@@ -68,7 +68,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
-import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import HttpVersion11, RawRequestMessage
@@ -84,6 +83,7 @@ from proxy.errors import (
     InternalError,
     ProxyError,
     RequestBodyTimeout,
+    error_body,
 )
 from proxy.pipeline.entry import awaits_continue, error_response
 
@@ -220,9 +220,7 @@ def raw_error(error: ProxyError, rid: str | None = None) -> bytes:
     """A complete ``Connection: close`` response, written straight to the transport where
     aiohttp's response machinery cannot be used (no request yet, or one being handled)."""
     rid = rid or str(uuid.uuid4())
-    body = orjson.dumps(
-        {"error": {"code": error.code, "message": error.message, "request_id": rid}}
-    )
+    body = error_body(error, rid)
     head = (
         f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\n"
         "Content-Type: application/json\r\n"

@@ -30,7 +30,7 @@ class RequestContext:
     pools: Mapping[str, UpstreamPool] | None = None
     tenant: Tenant | None = None
     via_platform: bool = False  # the Host was a platform domain itself (CONTRACT §5)
-    api_key: ApiKey | None = None
+    api_key: ApiKey | None = None  # identified by auth; authorised once the auth stage passed
     response_headers: dict[str, str] = field(default_factory=dict)
     error_code: str | None = None
     limit_decision: str | None = None  # "allowed" | "rejected" | "shadow"

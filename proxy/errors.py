@@ -1,13 +1,16 @@
 """The proxy's own errors: each one knows its HTTP status and contract code (CONTRACT §8).
 
-Stages raise these; the outermost stage (``pipeline.errors``) renders the JSON body. Third-party
-exceptions are mapped to these at the store or forwarding boundary, so no stage sees asyncpg,
-redis or aiohttp-client exceptions.
+Stages raise these; the outermost stage (``pipeline.entry``) renders the JSON body with
+``error_body``, as does ``connection`` for what is refused before a request reaches the stages.
+Third-party exceptions are mapped to these at the store or forwarding boundary, so no stage sees
+asyncpg, redis or aiohttp-client exceptions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+
+import orjson
 
 
 class ProxyError(Exception):
@@ -22,6 +25,25 @@ class ProxyError(Exception):
         if message is not None:
             self.message = message
         self.headers: Mapping[str, str] = headers or {}
+
+
+def error_body(error: ProxyError, request_id: str) -> bytes:
+    """The contract's JSON body of an error (CONTRACT §8), the one place it is built."""
+    return orjson.dumps(
+        {"error": {"code": error.code, "message": error.message, "request_id": request_id}}
+    )
+
+
+class Unauthorized(ProxyError):
+    """A 401: RFC 6750 §3 (and RFC 9110 §15.5.2) make every one carry ``WWW-Authenticate``
+    naming the scheme. A request that presented a key that cannot be used gets
+    ``error="invalid_token"`` (RFC 6750 §3.1); one without a key gets the bare challenge."""
+
+    status = 401
+    challenge = 'Bearer error="invalid_token"'
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": self.challenge})
 
 
 class BadRequest(ProxyError):
@@ -60,24 +82,21 @@ class ChallengeNotFound(ProxyError):
     status, code, message = 404, "challenge_not_found", "no such domain-verification challenge"
 
 
-class MissingApiKey(ProxyError):
-    status, code, message = 401, "missing_api_key", "an API key is required"
-
-    def __init__(self) -> None:
-        # RFC 6750 §3: a 401 for a bearer-protected resource names the scheme.
-        super().__init__(headers={"WWW-Authenticate": "Bearer"})
+class MissingApiKey(Unauthorized):
+    code, message = "missing_api_key", "an API key is required"
+    challenge = "Bearer"  # RFC 6750 §3.1: no error code when no credentials were sent
 
 
-class InvalidApiKey(ProxyError):
-    status, code, message = 401, "invalid_api_key", "the API key is not valid"
+class InvalidApiKey(Unauthorized):
+    code, message = "invalid_api_key", "the API key is not valid"
 
 
-class ApiKeyExpired(ProxyError):
-    status, code, message = 401, "api_key_expired", "the API key has expired"
+class ApiKeyExpired(Unauthorized):
+    code, message = "api_key_expired", "the API key has expired"
 
 
-class ApiKeyRevoked(ProxyError):
-    status, code, message = 401, "api_key_revoked", "the API key has been revoked"
+class ApiKeyRevoked(Unauthorized):
+    code, message = "api_key_revoked", "the API key has been revoked"
 
 
 class TenantMismatch(ProxyError):

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
+from proxy.core.forwarding import IPNetwork
 from proxy.core.hosts import BadHost, normalize_host
 from proxy.cparser import c_parser_in_use
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 AuthMode = Literal["api_key", "optional", "none"]
 _T = TypeVar("_T")
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
+from proxy.core.forwarding import IPNetwork
 from proxy.errors import (
     ApiKeyExpired,
     ApiKeyRevoked,
@@ -26,7 +27,6 @@ from proxy.errors import (
     TenantMismatch,
 )
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Environment = Literal["live", "test"]
 
 PREFIX_LEN = 12
@@ -139,28 +139,39 @@ def ip_allowed(client_ip: str, allowed: Sequence[IPNetwork]) -> bool:
     return any(ip in net for net in allowed)
 
 
-def bearer_key(authorization: str | None) -> str | None:
-    """The API key in ``Authorization: Bearer fr_...``; other bearer tokens are not keys."""
+def bearer_token(authorization: str | None) -> str | None:
+    """The credentials of ``Authorization: Bearer <token>`` (``""`` when there are none);
+    ``None`` for another scheme or no header."""
     if authorization is None:
         return None
     # Any whitespace after the scheme, not only SP (RFC 9110 §11.4): "Bearer<TAB>fr_live_…" is
     # a key too, and must be judged (and kept from the upstream) like one.
     parts = authorization.split(None, 1)
-    if len(parts) != 2 or parts[0].lower() != "bearer":
+    if not parts or parts[0].lower() != "bearer":
         return None
-    token = parts[1].strip()
-    if not looks_like_key(token):
-        return None
-    return token
+    return parts[1].strip() if len(parts) == 2 else ""
+
+
+def bearer_key(authorization: str | None) -> str | None:
+    """The API key in ``Authorization: Bearer fr_...``; other bearer tokens are not keys."""
+    token = bearer_token(authorization)
+    return token if token is not None and looks_like_key(token) else None
 
 
 def presented_key(authorization: str | None, x_api_key: str | None) -> str | None:
-    """The key a request presents, from either header; two different keys count as invalid."""
-    from_bearer = bearer_key(authorization)
+    """The key a request presents, well-formed or not (CONTRACT §5: ``Bearer not-a-key`` is an
+    invalid key, not a missing one); two different keys count as invalid.
+
+    With ``X-API-Key`` present, a bearer token that is not a key is the upstream's (an OAuth
+    token next to the key) and is left alone. ``None``: no key presented at all.
+    """
     from_header = x_api_key.strip() if x_api_key is not None else None
-    if from_bearer is not None and from_header is not None and from_bearer != from_header:
+    if from_header is None:
+        return bearer_token(authorization)
+    from_bearer = bearer_key(authorization)
+    if from_bearer is not None and from_bearer != from_header:
         return ""  # ambiguous: matches no key, so it is refused as invalid
-    return from_header if from_header is not None else from_bearer
+    return from_header
 
 
 _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"

@@ -21,8 +21,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from proxy.core.forwarding import TOKEN
+
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2 token
 # Every character a serialised http(s) origin can hold (RFC 6454 §6.2: ASCII, punycode host,
 # IPv6 in brackets). Checked before urlsplit, which silently deletes tabs and newlines
 # ("https://www.acme\t.test" would pass for www.acme.test) and accepts an empty "?" or "#",
@@ -114,10 +115,10 @@ def preflight_headers(
     origin: str, request_method: str, request_headers: str | None
 ) -> dict[str, str] | None:
     """Headers of a 204 preflight answer, or None if the request is malformed."""
-    if not _TOKEN.fullmatch(request_method):
+    if not TOKEN.fullmatch(request_method):
         return None
     names = [h.strip() for h in (request_headers or "").split(",") if h.strip()]
-    if not all(_TOKEN.fullmatch(n) for n in names):
+    if not all(TOKEN.fullmatch(n) for n in names):
         return None
     if not any(n.lower() == "authorization" for n in names):
         names.append("Authorization")

@@ -20,6 +20,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
+# Trusted proxies, a key's allowed_ips, webhooks.allow_networks: the one alias.
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Header = tuple[str, str]
 
@@ -52,7 +53,8 @@ _REQUEST_DROP = HOP_BY_HOP | {
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 
 SPOOF_PREFIX = "x-flatrender-"
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2 field-name
+# RFC 9110 §5.6.2 token: a field name, a method, a list element of Access-Control-Request-Headers.
+TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
@@ -128,7 +130,7 @@ def _response_drops(low: str) -> bool:
         or low.startswith("proxy-")
         or low.startswith(SPOOF_PREFIX)
         or low.startswith("access-control-")
-        or not _TOKEN.fullmatch(low)
+        or not TOKEN.fullmatch(low)
     )
 
 

@@ -1,6 +1,8 @@
-"""Audit stage: one row per request on an ``audit = true`` route, rejected ones included
-(CONTRACT §9). It wraps auth, rate limiting and forwarding so it sees their refusals; the row is
-handed to the sink without waiting."""
+"""Audit stage: one row per request on an ``audit = true`` route of a resolved tenant, refused
+ones included (CONTRACT §9). It wraps the tenant-status check, auth, the render quota, rate
+limiting and forwarding so it sees their refusals, and records the status and code the entry
+stage answers (``as_proxy_error``); the row is handed to the sink without waiting. Preflights
+never get here: the CORS stage answers them first."""
 
 from __future__ import annotations
 
@@ -13,10 +15,9 @@ from aiohttp.typedefs import Handler, Middleware
 
 from proxy.audit.record import AuditRecord
 from proxy.context import CTX
-from proxy.errors import ProxyError
+from proxy.errors import ClientClosedRequest
+from proxy.pipeline.entry import as_proxy_error
 from proxy.stores.base import AuditSink
-
-CLIENT_CLOSED = 499  # nginx's code for a client that went away before the answer was complete
 
 
 def audit_stage(sink: AuditSink, clock: Callable[[], datetime]) -> Middleware:
@@ -33,18 +34,21 @@ def audit_stage(sink: AuditSink, clock: Callable[[], datetime]) -> Middleware:
             response = await handler(request)
             status, error = response.status, None
             return response
-        except ProxyError as e:
-            status, error = e.status, e.code
-            raise
         except (ConnectionResetError, asyncio.CancelledError):
-            status, error = CLIENT_CLOSED, "client_closed_request"
+            status, error = ClientClosedRequest.status, ClientClosedRequest.code
+            raise
+        except Exception as e:  # the answer the entry stage makes of it: a refusal, or a 500
+            answer = as_proxy_error(e)
+            status, error = answer.status, answer.code
             raise
         finally:
             loop_now = asyncio.get_running_loop().time()
             sink.submit(
                 AuditRecord(
                     created_at=created_at,
-                    tenant_id=ctx.tenant.id,  # after auth: on a platform domain, the key's
+                    # After auth: on a platform domain, the key's tenant; and the key's id once
+                    # it was identified, refused or not (CONTRACT §9).
+                    tenant_id=ctx.tenant.id,
                     api_key_id=ctx.api_key.id if ctx.api_key else None,
                     method=request.method,
                     path=ctx.path,

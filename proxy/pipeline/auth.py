@@ -1,4 +1,13 @@
-"""Authentication stage: API key → key row → authorisation (CONTRACT §5)."""
+"""Access stage: the API key is identified, the tenant's status applied, then the key authorised
+(CONTRACT §3 statuses, §5 keys).
+
+Identifying comes first so that everything after it knows whose request this is: on a platform
+domain the key decides the tenant (§3 rule 3), so the status applied is the key's tenant's, and
+every refusal from here on, by status or of the key itself (revoked, expired, IP, scope, tenant
+mismatch), is audited with the key's id and that tenant (§9). Identifying refuses nothing: the
+precedence of the answers stays status first (a suspended tenant is 403 whatever key is sent),
+then a missing or invalid key, then what the key may not do.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +17,15 @@ from datetime import datetime
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from proxy.context import CTX
-from proxy.core.apikeys import authorize, find_match, parse_key, presented_key, required_scope
+from proxy.context import CTX, RequestContext
+from proxy.core.apikeys import (
+    ApiKey,
+    authorize,
+    find_match,
+    parse_key,
+    presented_key,
+    required_scope,
+)
 from proxy.core.tenancy import check_status
 from proxy.errors import InvalidApiKey, MissingApiKey
 from proxy.stores.base import KeyStore, TenantStore, UsageSink
@@ -23,48 +39,59 @@ def auth_stage(
     clock: Callable[[], datetime],
     telemetry: Telemetry,
 ) -> Middleware:
-    async def authenticate(request: web.Request, token: str) -> None:
-        ctx = request[CTX]
-        route, tenant = ctx.route, ctx.tenant
-        assert route is not None and tenant is not None  # earlier stages ran
+    async def identify(ctx: RequestContext, token: str) -> ApiKey | None:
+        """The key row whose prefix and hash match ``token``, made the request's key (and on a
+        platform domain its tenant the request's tenant); ``None`` for no such key."""
         parsed = parse_key(token)
-        key = find_match(parsed.hash, await keys.by_prefix(parsed.prefix)) if parsed else None
+        if parsed is None:
+            return None
+        key = find_match(parsed.hash, await keys.by_prefix(parsed.prefix))
         if key is None:
-            raise InvalidApiKey()  # unknown and wrong keys look the same to the caller
-        now = clock()
-        authorize(
-            key,
-            now=now,
-            client_ip=ctx.client_ip,
-            # On a platform domain the key decides the tenant; elsewhere the Host does.
-            request_tenant_id=None if ctx.via_platform else tenant.id,
-            scope=required_scope(route.scopes, request.method),
-        )
-        if ctx.via_platform and key.tenant_id != tenant.id:
+            return None
+        assert ctx.tenant is not None  # the tenant stage ran
+        if ctx.via_platform and key.tenant_id != ctx.tenant.id:
             owner = await tenants.by_id(key.tenant_id)
             if owner is None:
-                raise InvalidApiKey()  # the key's tenant was deleted
-            check_status(owner, now)
+                return None  # the key's tenant was deleted: its keys are gone too
             ctx.tenant = owner
         ctx.api_key = key
-        usage.record(key.id, now, ctx.client_ip or None)
+        return key
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        route = request[CTX].route
-        assert route is not None  # the route stage ran
-        if route.auth == "none":
-            return await handler(request)
+        ctx = request[CTX]
+        route, host_tenant = ctx.route, ctx.tenant
+        assert route is not None and host_tenant is not None  # earlier stages ran
         headers = request.headers
-        token = presented_key(headers.get("Authorization"), headers.get("X-API-Key"))
+        token = (
+            None
+            if route.auth == "none"
+            else presented_key(headers.get("Authorization"), headers.get("X-API-Key"))
+        )
         if token is None:
+            check_status(host_tenant, clock())
             if route.auth == "api_key":
                 raise MissingApiKey()
             return await handler(request)
         with telemetry.span("edge.auth") as span:
-            await authenticate(request, token)
-            if span is not None:  # the key's id, never the key
-                span.set_attribute("flatrender.api_key_id", request[CTX].api_key.id)  # type: ignore[union-attr]
+            key = await identify(ctx, token)
+            if span is not None and key is not None:  # the key's id, never the key
+                span.set_attribute("flatrender.api_key_id", key.id)
+            now = clock()
+            tenant = ctx.tenant  # on a platform domain, the key's tenant once identified
+            assert tenant is not None
+            check_status(tenant, now)
+            if key is None:
+                raise InvalidApiKey()  # unknown, wrong and malformed keys look the same
+            authorize(
+                key,
+                now=now,
+                client_ip=ctx.client_ip,
+                # On a platform domain the key decides the tenant; elsewhere the Host does.
+                request_tenant_id=None if ctx.via_platform else host_tenant.id,
+                scope=required_scope(route.scopes, request.method),
+            )
+        usage.record(key.id, now, ctx.client_ip or None)
         return await handler(request)
 
     return auth

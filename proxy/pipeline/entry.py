@@ -11,7 +11,6 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-import orjson
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 from aiohttp.typedefs import Handler, Middleware
@@ -26,6 +25,7 @@ from proxy.errors import (
     InternalError,
     PayloadTooLarge,
     ProxyError,
+    error_body,
 )
 from proxy.telemetry import Telemetry
 
@@ -33,20 +33,25 @@ log = logging.getLogger("proxy.entry")
 
 
 def error_response(error: ProxyError, rid: str) -> web.Response:
-    body = orjson.dumps(
-        {"error": {"code": error.code, "message": error.message, "request_id": rid}}
-    )
     return web.Response(
-        status=error.status, body=body, content_type="application/json", headers=error.headers
+        status=error.status,
+        body=error_body(error, rid),
+        content_type="application/json",
+        headers=error.headers,
     )
 
 
-def _from_aiohttp(exc: web.HTTPException) -> ProxyError:
-    """aiohttp's own refusals (e.g. a body over ``client_max_size``) as contract errors."""
-    if exc.status == 413:
-        return PayloadTooLarge()
-    if 400 <= exc.status < 500:
-        return BadRequest(exc.reason)
+def as_proxy_error(exc: Exception) -> ProxyError:
+    """The contract error an exception out of the stages is answered with: itself, aiohttp's
+    own refusals (e.g. a body over ``client_max_size``) mapped, anything else a 500. The audit
+    stage records what this answers, so its rows and the answers agree."""
+    if isinstance(exc, ProxyError):
+        return exc
+    if isinstance(exc, web.HTTPException):
+        if exc.status == 413:
+            return PayloadTooLarge()
+        if 400 <= exc.status < 500:
+            return BadRequest(exc.reason)
     return InternalError()
 
 
@@ -114,15 +119,12 @@ async def _answer(
         if UNSERVED_VERSION in request:
             raise HttpVersionNotSupported()
         return await handler(request)
-    except ProxyError as e:
-        error = e
-    except web.HTTPException as e:
-        error = _from_aiohttp(e)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
-    except Exception:
-        log.exception("unhandled error request_id=%s", ctx.request_id)
-        error = InternalError()
+    except Exception as e:
+        error = as_proxy_error(e)
+        if not isinstance(e, ProxyError | web.HTTPException):
+            log.exception("unhandled error request_id=%s", ctx.request_id)
     ctx.error_code = error.code
     response = error_response(error, ctx.request_id)
     if error.status in (400, 408, 505):

@@ -1,20 +1,18 @@
-"""Tenant stages (CONTRACT §3): resolve the Host to a tenant, then apply its status.
+"""Tenant stage (CONTRACT §3): resolve the Host to a tenant.
 
-They are two stages so that CORS (between them) can decorate even a suspended tenant's refusal:
-a browser app must be able to read *why* it was refused.
+Its status is applied later, by the access stage (``pipeline.auth``), so that CORS decorates
+even a suspended tenant's refusal (a browser app must be able to read *why* it was refused),
+the refusal is audited, and on a platform domain the status applied is the key's tenant's.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from datetime import datetime
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from proxy.context import CTX
 from proxy.core.hosts import classify_host
-from proxy.core.tenancy import DEFAULT_TENANT_ID, Tenant, check_status
+from proxy.core.tenancy import DEFAULT_TENANT_ID, Tenant
 from proxy.errors import DomainNotVerified, UnknownHost
 from proxy.stores.base import TenantStore
 from proxy.telemetry import Telemetry
@@ -58,14 +56,3 @@ def tenant_stage(
         return await handler(request)
 
     return tenant
-
-
-def status_stage(clock: Callable[[], datetime]) -> Middleware:
-    @web.middleware
-    async def status(request: web.Request, handler: Handler) -> web.StreamResponse:
-        tenant = request[CTX].tenant
-        assert tenant is not None  # the tenant stage ran
-        check_status(tenant, clock())
-        return await handler(request)
-
-    return status

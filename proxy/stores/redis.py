@@ -37,6 +37,8 @@ from functools import partial
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from cachetools import TLRUCache
+
 from proxy.background import cancel
 from proxy.core.bucket import Decision, decide, seconds_until_token
 from proxy.errors import RateLimiterUnavailable
@@ -119,6 +121,10 @@ class _Check:
     peek: bool = False
 
 
+def _until(_bucket: str, limited: tuple[float, float, int, float], _now: float) -> float:
+    return limited[0]
+
+
 class ScriptClient(Protocol):
     """What the store needs of Redis: the batch script, a ping, and a way to drop a link."""
 
@@ -147,6 +153,7 @@ class RedisBucketStore:
         expected_instances: int = 1,
         probe_interval_s: float = 0.25,
         clock: Callable[[], float] = time.monotonic,
+        max_limited: int = 50_000,
     ) -> None:
         self._client = client
         self._cluster = cluster
@@ -158,8 +165,14 @@ class RedisBucketStore:
         self._fallback = MemoryBucketStore(clock=clock)
         self._pending: list[_Check] = []
         self._scheduled = False
-        # bucket -> (monotonic time it may have a token again, tokens then-known, capacity)
-        self._limited: dict[str, tuple[float, float, int, float]] = {}
+        # bucket -> (clock time it may have a token again, tokens then, capacity, clock time
+        # of that reply). Bounded: keyed by whatever a limit is keyed by (a rotating client
+        # address, say), it would otherwise grow for ever. An entry leaves when its time comes
+        # (TLRU: time-aware, least recently used), or, past ``max_limited``, the least recently
+        # used one does; losing one only costs a Redis call, since the short-cut never grants.
+        self._limited: TLRUCache[str, tuple[float, float, int, float]] = TLRUCache(
+            maxsize=max_limited, ttu=_until, timer=clock
+        )
         self._open = False
         self._closing = False
         self._probe: asyncio.Task[None] | None = None
@@ -169,6 +182,11 @@ class RedisBucketStore:
         self.checks = 0
         self.shortcut_rejections = 0
         self.degraded_decisions = 0
+
+    @property
+    def shortcut_entries(self) -> int:
+        """Buckets known to be over their limit and answered locally for now."""
+        return len(self._limited)
 
     @property
     def healthy(self) -> bool:
@@ -192,13 +210,13 @@ class RedisBucketStore:
     async def take(self, bucket: str, capacity: int) -> Decision:
         self.checks += 1
         now = self._clock()
-        limited = self._limited.get(bucket)
+        limited = self._limited.get(bucket)  # None once its time has come
         if limited is not None:
             until, tokens, cap, at = limited
             if now < until and cap == capacity:
                 self.shortcut_rejections += 1
                 return decide(False, tokens + (now - at) * capacity / 60, capacity)
-            del self._limited[bucket]
+            self._limited.pop(bucket, None)
         return await self._check(_Check(bucket, capacity, self._future()))
 
     async def peek(self, bucket: str, capacity: int) -> Decision:
@@ -452,7 +470,7 @@ def make_client(
         from redis.asyncio.sentinel import Sentinel
 
         # The URL names a sentinel; its credentials and database are the master's.
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(
             [(host, port if urlsplit(url).port else 26379)],
             sentinel_kwargs={
                 "socket_connect_timeout": deadline_s,

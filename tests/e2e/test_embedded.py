@@ -228,8 +228,26 @@ def test_unknown_and_wrong_keys_look_the_same(world: World) -> None:
         assert r.status == 401 and code(r) == "invalid_api_key"
 
 
-def test_optional_route_passes_non_key_bearer_untouched(world: World) -> None:
-    r = req(world, "/v1/optional/x", "videos.acme.test", "Authorization: Bearer studio.jwt.token")
+def test_a_malformed_bearer_key_is_invalid_and_every_401_names_bearer(world: World) -> None:
+    """CONTRACT §5: a key header that is not a well-formed key is an invalid key, on every
+    route that reads keys; RFC 6750 §3: every 401 carries the Bearer challenge."""
+    for path in ("/v1/renders/1", "/v1/optional/x"):
+        for value in ("Bearer not-a-key", "Bearer studio.jwt.token", "Bearer"):
+            r = req(world, path, "videos.acme.test", f"Authorization: {value}")
+            assert (r.status, code(r)) == (401, "invalid_api_key"), (path, value)
+            assert r.header("WWW-Authenticate") == 'Bearer error="invalid_token"'
+    r = req(world, "/v1/renders/1", "videos.acme.test")
+    assert (r.status, code(r), r.header("WWW-Authenticate")) == (401, "missing_api_key", "Bearer")
+
+
+def test_a_non_key_bearer_next_to_a_key_is_the_upstreams(world: World) -> None:
+    r = req(
+        world,
+        "/v1/optional/x",
+        "videos.acme.test",
+        "Authorization: Bearer studio.jwt.token",
+        f"X-API-Key: {world.keys['good']}",
+    )
     assert r.status == 200
     assert ["Authorization", "Bearer studio.jwt.token"] in json.loads(r.body)["headers"]
 

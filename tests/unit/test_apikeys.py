@@ -391,9 +391,14 @@ def test_bearer_key(authorization: str | None, expected: str | None) -> None:
         # two different keys: ambiguous, refused as invalid ("" matches no key)
         (f"Bearer {LIVE}", TEST, ""),
         (f"Bearer {TEST}", LIVE, ""),
-        # a non-key bearer token is for the upstream; X-API-Key carries the key
+        # a non-key bearer token next to X-API-Key is for the upstream; X-API-Key is the key
         ("Bearer eyJhbGciOiJIUzI1NiJ9.e30.sig", LIVE, LIVE),
-        ("Bearer eyJhbGciOiJIUzI1NiJ9.e30.sig", None, None),
+        # alone, a bearer token is a key attempt: malformed, so invalid (not missing)
+        ("Bearer eyJhbGciOiJIUzI1NiJ9.e30.sig", None, "eyJhbGciOiJIUzI1NiJ9.e30.sig"),
+        ("Bearer not-a-key", None, "not-a-key"),
+        ("Bearer", None, ""),
+        ("Bearer   ", None, ""),
+        # another scheme presents no API key
         ("Basic dXNlcjpwYXNz", None, None),
         # X-API-Key is always a key attempt, well-formed or not
         (None, "not-a-key", "not-a-key"),
