@@ -281,6 +281,10 @@ async def test_a_refused_destination_gets_nothing(
     assert first["duration_ms"] == 0
     assert first["response_status"] is None
     assert r.received == []
+    hook_row = await webhook_row(db, hook)
+    assert hook_row["last_status_code"] is None  # no answer
+    assert hook_row["last_triggered_at"] is not None
+    assert hook_row["consecutive_failures"] == 1
 
 
 async def test_a_name_is_connected_to_at_the_address_checked(
@@ -316,6 +320,19 @@ async def test_a_black_hole_delays_only_itself(db: asyncpg.Connection, migrated_
             assert r.received[0].at - started < 1.0
             assert r.ids() == [event_id]
             assert len(hole.received) == 4
+
+
+async def test_max_in_flight_caps_the_process(db: asyncpg.Connection, dsn: str) -> None:
+    tenant = await new_tenant(db)
+    async with receiving(hang=True) as hole:
+        for path in ("/a", "/b"):
+            await add_webhook(db, tenant, hole.url(path))
+        for _ in range(5):
+            await publish(db, tenant)
+        async with dispatching(dsn, timeout_s=5, lease_s=6, max_in_flight=3):
+            await within(5, holds(lambda: len(hole.received) == 3))
+            await asyncio.sleep(0.3)  # a fourth attempt would have arrived by now
+            assert len(hole.received) == 3  # 10 due, 4 per webhook allowed, 3 in all
 
 
 async def test_replay(db: asyncpg.Connection, migrated_dsn: str) -> None:
