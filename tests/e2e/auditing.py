@@ -1,4 +1,5 @@
-"""Shared by the audit tests: records, settings, polling, and the metering invariant of §9."""
+"""Shared by the audit tests: records, settings, a proxy's configuration, polling, and the
+metering invariant of §9."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
+import orjson
 
 from proxy.audit.record import AuditRecord
 from proxy.settings import AuditSettings
+from tests.procs import Echo, free_port, write_config
 
 DEFAULT_TENANT = "00000000-0000-0000-0000-000000000001"
 _BASE = datetime.now(UTC).replace(microsecond=0)
@@ -89,3 +92,31 @@ SELECT coalesce(l.tenant_id, u.tenant_id)::text AS tenant_id,
 async def assert_usage_matches_rows(conn: asyncpg.Connection) -> None:
     mismatches = [dict(r) for r in await conn.fetch(USAGE_MISMATCHES)]
     assert mismatches == []
+
+
+def proxy_config(tmp: Path, echo: Echo, **audit: object) -> Path:
+    """A proxy with audited routes: keyed (``/v1/renders``), open (``/public``), one whose
+    upstream refuses (``/v1/dead``: the proxy's own 502), and an unaudited ``/v1/optional``."""
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: 502 upstream_unavailable
+    path = write_config(
+        tmp / "edge.toml",
+        server={"trusted_proxies": ["127.0.0.1/32"]},
+        tenancy={"platform_domains": ["flatrender.test"]},
+        upstreams={"render-api": {"urls": [echo.url]}, "dead": {"urls": [dead]}},
+        routes=[
+            {
+                "prefix": "/v1/renders",
+                "upstream": "render-api",
+                "auth": "api_key",
+                "scopes": {"GET": "renders:read", "POST": "renders:create"},
+                "audit": True,
+            },
+            {"prefix": "/v1/dead", "upstream": "dead", "auth": "none", "audit": True},
+            {"prefix": "/public", "upstream": "render-api", "auth": "none", "audit": True},
+            {"prefix": "/v1/optional", "upstream": "render-api", "auth": "optional"},
+        ],
+    )
+    settings = {"flush_interval_ms": 50, "spool_dir": str(tmp / "spool"), **audit}
+    lines = [f"{k} = {orjson.dumps(v).decode()}" for k, v in settings.items()]
+    path.write_text(path.read_text() + "\n[audit]\n" + "\n".join(lines) + "\n")
+    return path

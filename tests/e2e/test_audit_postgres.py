@@ -22,9 +22,9 @@ import pytest_asyncio
 
 from proxy.migrate import apply_migrations
 from proxy.stores.keyadmin import create_key
-from tests.e2e.auditing import assert_usage_matches_rows, copies
+from tests.e2e.auditing import assert_usage_matches_rows, copies, proxy_config
 from tests.e2e.support import within
-from tests.procs import Echo, Proxy, free_port, start_proxy, stop, write_config
+from tests.procs import Echo, Proxy, free_port, start_proxy, stop
 from tests.servers import PostgresServer
 
 ACME = "dddddddd-0000-0000-0000-000000000001"
@@ -52,35 +52,9 @@ def dsn(postgres_server: PostgresServer) -> str:
     return url
 
 
-def _config(tmp: Path, echo: Echo, **audit: object) -> Path:
-    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: 502 upstream_unavailable
-    path = write_config(
-        tmp / "edge.toml",
-        server={"trusted_proxies": ["127.0.0.1/32"]},
-        tenancy={"platform_domains": ["flatrender.test"]},
-        upstreams={"render-api": {"urls": [echo.url]}, "dead": {"urls": [dead]}},
-        routes=[
-            {
-                "prefix": "/v1/renders",
-                "upstream": "render-api",
-                "auth": "api_key",
-                "scopes": {"GET": "renders:read", "POST": "renders:create"},
-                "audit": True,
-            },
-            {"prefix": "/v1/dead", "upstream": "dead", "auth": "none", "audit": True},
-            {"prefix": "/public", "upstream": "render-api", "auth": "none", "audit": True},
-            {"prefix": "/v1/optional", "upstream": "render-api", "auth": "optional"},
-        ],
-    )
-    settings = {"flush_interval_ms": 50, "spool_dir": str(tmp / "spool"), **audit}
-    lines = [f"{k} = {orjson.dumps(v).decode()}" for k, v in settings.items()]
-    path.write_text(path.read_text() + "\n[audit]\n" + "\n".join(lines) + "\n")
-    return path
-
-
 @pytest.fixture(scope="module")
 def proxy(dsn: str, echo: Echo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
-    p = start_proxy(_config(tmp_path_factory.mktemp("audit"), echo), env={"DATABASE_URL": dsn})
+    p = start_proxy(proxy_config(tmp_path_factory.mktemp("audit"), echo), env={"DATABASE_URL": dsn})
     yield p
     stop(p.proc)
 
@@ -282,7 +256,7 @@ async def test_postgres_down_for_ten_seconds_under_load_loses_and_doubles_nothin
     postgres_server: PostgresServer,
 ) -> None:
     spool = tmp_path / "spool"
-    config = _config(tmp_path, echo, batch_max_rows=50, buffer_max_rows=200)
+    config = proxy_config(tmp_path, echo, batch_max_rows=50, buffer_max_rows=200)
     key = await mint(db)
     proxy = start_proxy(config, env={"DATABASE_URL": dsn})
     sent: list[str] = []
@@ -360,7 +334,7 @@ async def test_sigkill_while_rows_are_spooled_then_restart_lands_them_once(
     postgres_server: PostgresServer,
 ) -> None:
     spool = tmp_path / "spool"
-    config = _config(tmp_path, echo, batch_max_rows=10, buffer_max_rows=20)
+    config = proxy_config(tmp_path, echo, batch_max_rows=10, buffer_max_rows=20)
     first = start_proxy(config, env={"DATABASE_URL": dsn})
     try:
         warm, _ = await send(http, first, "/public/x")  # the tenant is cached now
@@ -396,7 +370,7 @@ async def test_sigterm_writes_pending_rows(
     dsn: str, echo: Echo, db: asyncpg.Pool, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     # Neither a full batch nor the interval comes: only the shutdown drain can write them.
-    config = _config(tmp_path, echo, flush_interval_ms=3_600_000)
+    config = proxy_config(tmp_path, echo, flush_interval_ms=3_600_000)
     proxy = start_proxy(config, env={"DATABASE_URL": dsn})
     try:
         ids = [(await send(http, proxy, "/public/x"))[0] for _ in range(50)]
@@ -419,7 +393,7 @@ async def test_sigterm_with_postgres_down_spools_and_the_next_process_replays(
     postgres_server: PostgresServer,
 ) -> None:
     spool = tmp_path / "spool"
-    config = _config(tmp_path, echo, flush_interval_ms=3_600_000, drain_timeout_s=1)
+    config = proxy_config(tmp_path, echo, flush_interval_ms=3_600_000, drain_timeout_s=1)
     proxy = start_proxy(config, env={"DATABASE_URL": dsn})
     # (The next process replays at start-up, long before its own flush interval.)
     try:

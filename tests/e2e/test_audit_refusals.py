@@ -18,9 +18,9 @@ import pytest
 import pytest_asyncio
 
 from proxy.stores.keyadmin import create_key, revoke_key
-from tests.e2e.auditing import assert_usage_matches_rows, copies
+from tests.e2e.auditing import assert_usage_matches_rows, copies, proxy_config
 from tests.e2e.support import seeded_database, within
-from tests.procs import Echo, Proxy, free_port, start_proxy, stop, write_config
+from tests.procs import Echo, Proxy, start_proxy, stop
 from tests.servers import PostgresServer
 
 ORIGIN = "https://app.acme.test"
@@ -88,28 +88,7 @@ def world(postgres_server: PostgresServer) -> World:
 
 @pytest.fixture(scope="module")
 def proxy(world: World, echo: Echo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
-    tmp = tmp_path_factory.mktemp("auditref")
-    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: 502, the proxy's own answer
-    path = write_config(
-        tmp / "edge.toml",
-        server={"trusted_proxies": ["127.0.0.1/32"]},
-        tenancy={"platform_domains": ["flatrender.test"]},
-        upstreams={"render-api": {"urls": [echo.url]}, "dead": {"urls": [dead]}},
-        routes=[
-            {
-                "prefix": "/v1/renders",
-                "upstream": "render-api",
-                "auth": "api_key",
-                "scopes": {"GET": "renders:read", "POST": "renders:create"},
-                "audit": True,
-            },
-            {"prefix": "/v1/dead", "upstream": "dead", "auth": "none", "audit": True},
-            {"prefix": "/public", "upstream": "render-api", "auth": "none", "audit": True},
-        ],
-    )
-    path.write_text(
-        path.read_text() + f'\n[audit]\nflush_interval_ms = 50\nspool_dir = "{tmp / "spool"}"\n'
-    )
+    path = proxy_config(tmp_path_factory.mktemp("auditref"), echo)
     p = start_proxy(path, env={"DATABASE_URL": world.dsn})
     yield p
     stop(p.proc)
