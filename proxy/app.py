@@ -292,6 +292,7 @@ def build_quotas(settings: Settings, rebuild: RebuildSource) -> QuotaStore:
     )
     return RedisQuotaStore(
         client,
+        cluster=settings.redis_mode == "cluster",
         rebuild=rebuild,
         deadline_s=deadline,
         failure_mode=r.failure_mode,

@@ -22,6 +22,7 @@ import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import date, datetime
+from functools import partial
 from typing import Any
 
 from proxy.background import cancel
@@ -44,41 +45,55 @@ RebuildSource = Callable[[str, date], Awaitable[int]]
 RESERVE, COMMIT, RELEASE = 1, 2, 3
 NO_COUNT = -1  # the script's answer when the month's count is missing; also "no rebuilt value"
 
-# KEYS[1]: the month's count of renders started. KEYS[2]: the reservations in flight, a sorted
-# set (member: reservation id, score: its expiry in ms on Redis's clock).
-# ARGV: op, quota, reservation id (0: none), lease ms, count expiry (Unix s), rebuilt count
-# (-1: none), amount to add on commit.
+# One call decides a batch of operations, each atomically (a script runs alone on its node).
+# Per operation, KEYS: the month's count of renders started, then the reservations in flight
+# (a sorted set; member: reservation id, score: its expiry in ms on Redis's clock). ARGV, 7 per
+# operation: op, quota, reservation id (0: none), lease ms, count expiry (Unix s), rebuilt count
+# (-1: none), amount to add on commit. Replies: 3 integers per operation.
 QUOTA_SCRIPT = """
-local op = tonumber(ARGV[1])
-if op ~= 1 then
-  if ARGV[3] ~= '0' then redis.call('ZREM', KEYS[2], ARGV[3]) end
-  -- A missing count is rebuilt from Postgres, which has (or will have) this unit.
-  if op == 2 and redis.call('EXISTS', KEYS[1]) == 1 then
-    redis.call('INCRBY', KEYS[1], tonumber(ARGV[7]))
-  end
-  return {1, 0, 0}
-end
-local count = redis.call('GET', KEYS[1])
-if not count then
-  local rebuilt = tonumber(ARGV[6])
-  if rebuilt < 0 then return {-1, 0, 0} end
-  count = rebuilt
-  redis.call('SET', KEYS[1], count)
-  redis.call('EXPIREAT', KEYS[1], tonumber(ARGV[5]))
-else
-  count = tonumber(count)
-end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-local held = redis.call('ZCARD', KEYS[2])
-if count + held < tonumber(ARGV[2]) then
-  local lease = tonumber(ARGV[4])
-  redis.call('ZADD', KEYS[2], now + lease, ARGV[3])
-  redis.call('PEXPIRE', KEYS[2], lease)
-  return {1, count, held + 1}
+local out = {}
+for i = 1, #KEYS / 2 do
+  local count_key, held_key = KEYS[2 * i - 1], KEYS[2 * i]
+  local a = 7 * (i - 1)
+  local op, id = tonumber(ARGV[a + 1]), ARGV[a + 3]
+  local r1, r2, r3 = 1, 0, 0
+  if op ~= 1 then
+    if id ~= '0' then redis.call('ZREM', held_key, id) end
+    -- A missing count is rebuilt from Postgres, which has (or will have) this unit.
+    if op == 2 and redis.call('EXISTS', count_key) == 1 then
+      redis.call('INCRBY', count_key, tonumber(ARGV[a + 7]))
+    end
+  else
+    local count = redis.call('GET', count_key)
+    local rebuilt = tonumber(ARGV[a + 6])
+    if not count and rebuilt >= 0 then
+      count = rebuilt
+      redis.call('SET', count_key, count)
+      redis.call('EXPIREAT', count_key, tonumber(ARGV[a + 5]))
+    end
+    if not count then
+      r1 = -1
+    else
+      count = tonumber(count)
+      redis.call('ZREMRANGEBYSCORE', held_key, '-inf', now)
+      local held = redis.call('ZCARD', held_key)
+      if count + held < tonumber(ARGV[a + 2]) then
+        local lease = tonumber(ARGV[a + 4])
+        redis.call('ZADD', held_key, now + lease, id)
+        redis.call('PEXPIRE', held_key, lease)
+        r1, r2, r3 = 1, count, held + 1
+      else
+        r1, r2, r3 = 0, count, held
+      end
+    end
+  end
+  out[#out + 1] = r1
+  out[#out + 1] = r2
+  out[#out + 1] = r3
 end
-return {0, count, held}
+return out
 """
 
 
@@ -86,6 +101,14 @@ def quota_keys(tenant_id: str, month: str) -> list[str]:
     """``{tenant}`` is the hash tag: both keys of a decision live on one node."""
     base = f"edge:quota:{{{tenant_id}}}:{month}"
     return [f"{base}:count", f"{base}:held"]
+
+
+@dataclass(slots=True)
+class _Op:
+    tenant_id: str  # its hash tag: the group it is sent in, in cluster mode
+    keys: list[str]
+    args: list[int]
+    future: asyncio.Future[list[int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +214,7 @@ class RedisQuotaStore:
         self,
         client: ScriptClient,
         *,
+        cluster: bool = False,
         rebuild: RebuildSource,
         deadline_s: float,
         failure_mode: str,
@@ -199,6 +223,7 @@ class RedisQuotaStore:
         probe_interval_s: float = 0.25,
     ) -> None:
         self._client = client
+        self._cluster = cluster
         self._rebuild = rebuild
         self._deadline = deadline_s
         self._fail_open = failure_mode == "open"
@@ -209,7 +234,9 @@ class RedisQuotaStore:
         self._open = False
         self._closing = False
         self._probe: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Future[Any]] = set()
+        self._inflight: set[asyncio.Future[Any]] = set()
+        self._pending: list[_Op] = []
+        self._scheduled = False
         # tenant -> (month, count + reservations) as last seen in Redis: the outage's base.
         self._last_used: dict[str, tuple[str, int]] = {}
         # While Redis is unreachable: admissions per tenant this process holds or kept, and
@@ -241,12 +268,11 @@ class RedisQuotaStore:
         keys = quota_keys(tenant_id, month)
         args = [RESERVE, quota, rid, self._lease_ms, expires, NO_COUNT, 0]
         try:
-            reply = await self._call(keys, args)
-            if reply[0] == NO_COUNT:
+            admitted, count, held = await self._submit(tenant_id, keys, args)
+            if admitted == NO_COUNT:
                 self.counters.rebuilds += 1
                 args[5] = await self._rebuild(tenant_id, first_day(now))
-                reply = await self._call(keys, args)
-            admitted, count, held = (int(v) for v in reply)
+                admitted, count, held = await self._submit(tenant_id, keys, args[:])
         except ProxyError:  # Postgres could not say what the month's count is
             return await self._degraded(tenant_id, quota, now)
         except Exception as e:  # no reply, a reply that is not the script's, an error reply
@@ -267,13 +293,60 @@ class RedisQuotaStore:
             True, remaining(quota, count, held), Reservation(tenant_id, month, rid, expires)
         )
 
-    async def _call(self, keys: list[str], args: list[int]) -> list[Any]:
-        reply = self._client.run(keys, args)
-        async with asyncio.timeout(self._deadline):
-            values = await reply
-        if not isinstance(values, list) or len(values) != 3:
-            raise TypeError(f"not the quota script's reply: {values!r}")
-        return values
+    def _submit(
+        self, tenant_id: str, keys: list[str], args: list[int]
+    ) -> asyncio.Future[list[int]]:
+        """Operations made in one event-loop turn go to Redis as one script call (per tenant
+        in cluster mode, where each tenant is its own hash tag), as the limiter's checks do."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[int]] = loop.create_future()
+        self._pending.append(_Op(tenant_id, keys, args, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        batch, self._pending, self._scheduled = self._pending, [], False
+        groups: dict[str, list[_Op]] = {}
+        for op in batch:
+            groups.setdefault(op.tenant_id if self._cluster else "", []).append(op)
+        loop = asyncio.get_running_loop()
+        for ops in groups.values():
+            try:
+                reply = self._client.run(
+                    [k for op in ops for k in op.keys], [a for op in ops for a in op.args]
+                )
+            except Exception as e:  # nothing may leave these operations unanswered
+                self._answer(ops, None, e)
+                continue
+            timer = loop.call_later(self._deadline, reply.cancel)
+            self._inflight.add(reply)
+            reply.add_done_callback(partial(self._replied, ops, timer))
+
+    def _replied(
+        self, ops: list[_Op], timer: asyncio.TimerHandle, reply: asyncio.Future[Any]
+    ) -> None:
+        timer.cancel()
+        self._inflight.discard(reply)
+        if reply.cancelled():
+            self._answer(ops, None, TimeoutError("no answer within the deadline"))
+            return
+        error = reply.exception()
+        values = None if error is not None else reply.result()
+        if error is None and (not isinstance(values, list) or len(values) != 3 * len(ops)):
+            error = TypeError(f"not the quota script's reply: {values!r}")
+        self._answer(ops, values, error)
+
+    @staticmethod
+    def _answer(ops: list[_Op], values: list[Any] | None, error: BaseException | None) -> None:
+        for i, op in enumerate(ops):
+            if op.future.done():  # its caller stopped waiting
+                continue
+            if error is not None or values is None:
+                op.future.set_exception(error or TypeError("no reply"))
+            else:
+                op.future.set_result([int(v) for v in values[3 * i : 3 * i + 3]])
 
     async def _degraded(self, tenant_id: str, quota: int, now: datetime) -> QuotaDecision:
         if not self._fail_open:
@@ -328,19 +401,11 @@ class RedisQuotaStore:
         self._send(tenant_id, month, [COMMIT, 0, 0, 0, 0, NO_COUNT, n], keep=True)
 
     def _send(self, tenant_id: str, month: str, args: list[int], *, keep: bool = False) -> None:
-        """A settlement in the background, answered through a callback (no task per call;
-        the deadline is one timer); a kept unit that Redis did not get waits for it."""
-        try:
-            reply = self._client.run(quota_keys(tenant_id, month), args)
-        except Exception as e:  # the client refused the call outright
-            reply = asyncio.get_running_loop().create_future()
-            reply.set_exception(e)
-        timer = asyncio.get_running_loop().call_later(self._deadline, reply.cancel)
-        self._tasks.add(reply)
+        """A settlement in the background, answered through a callback (no task per call);
+        a kept unit that Redis did not get waits for it."""
+        reply = self._submit(tenant_id, quota_keys(tenant_id, month), args)
 
-        def done(t: asyncio.Future[Any]) -> None:
-            timer.cancel()
-            self._tasks.discard(t)
+        def done(t: asyncio.Future[list[int]]) -> None:
             error = None if t.cancelled() else t.exception()
             if t.cancelled() or error is not None:
                 if keep:
@@ -385,7 +450,9 @@ class RedisQuotaStore:
         """Add the units kept during the outage to the months' counts."""
         while self._outage_kept:
             (tenant_id, month), n = next(iter(self._outage_kept.items()))
-            await self._call(quota_keys(tenant_id, month), [COMMIT, 0, 0, 0, 0, NO_COUNT, n])
+            await self._submit(
+                tenant_id, quota_keys(tenant_id, month), [COMMIT, 0, 0, 0, 0, NO_COUNT, n]
+            )
             left = self._outage_kept.pop((tenant_id, month), 0) - n
             if left > 0:  # kept meanwhile
                 self._outage_kept[(tenant_id, month)] = left
@@ -393,7 +460,9 @@ class RedisQuotaStore:
     async def close(self) -> None:
         self._closing = True
         await cancel(self._probe)
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=self._deadline)
+        if self._pending:
+            self._flush()
+        if self._inflight:
+            await asyncio.wait(list(self._inflight), timeout=self._deadline)
         with contextlib.suppress(Exception):
             await self._client.aclose()

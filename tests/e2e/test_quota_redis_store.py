@@ -172,7 +172,7 @@ async def test_cluster_mode_decides_on_the_tenants_node(redis_cluster: RedisClus
     now = datetime.now(UTC)
     client = make_client(redis_cluster.url, "cluster", None, DEADLINE_S, QUOTA_SCRIPT)
     quotas = RedisQuotaStore(
-        client, rebuild=History(), deadline_s=DEADLINE_S, failure_mode="closed"
+        client, cluster=True, rebuild=History(), deadline_s=DEADLINE_S, failure_mode="closed"
     )
     await quotas.start()
     try:
