@@ -294,13 +294,17 @@ async def test_a_name_is_connected_to_at_the_address_checked(
     resolver = FakeResolver({"hooks.reseller.test": ["127.0.0.1"]})
     async with receiving() as r:
         hook = await add_webhook(db, tenant, f"http://hooks.reseller.test:{r.port}/hook")
-        async with dispatching(migrated_dsn, resolver=resolver):
-            event_id = await publish(db, tenant)
-            await within(5, holds(lambda: bool(r.received)))
-    assert r.ids() == [event_id]
+        async with dispatching(migrated_dsn, resolver=resolver, max_in_flight_per_webhook=1):
+            first = await publish(db, tenant)
+            await within(5, holds(lambda: len(r.received) == 1))
+            second = await publish(db, tenant)
+            await within(5, holds(lambda: len(r.received) == 2))
+    assert r.ids() == [first, second]
     assert r.received[0].headers["Host"] == f"hooks.reseller.test:{r.port}"
-    assert resolver.lookups == ["hooks.reseller.test"]
+    assert resolver.lookups == ["hooks.reseller.test"]  # then the pooled connection
     assert (await attempts(db, hook))[0]["request_url"].startswith("http://hooks.reseller.test")
+    # The receiver set a cookie on its first answer; no cookie jar sends it back.
+    assert "Cookie" not in r.received[1].headers
 
 
 async def test_a_black_hole_delays_only_itself(db: asyncpg.Connection, migrated_dsn: str) -> None:

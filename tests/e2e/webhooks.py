@@ -79,7 +79,9 @@ class Receiver:
         status = self.statuses.pop(0) if self.statuses else self.default
         if 300 <= status < 400:
             return web.Response(status=status, headers={"Location": self.url("/redirected")})
-        return web.Response(status=status, text=self.text or f"answer {status}")
+        # A cookie on every answer: a client keeping cookies would send it back.
+        headers = {"Set-Cookie": f"session=s{len(self.received)}; Path=/"}
+        return web.Response(status=status, text=self.text or f"answer {status}", headers=headers)
 
     def ids(self) -> list[str]:
         return [r.event_id for r in self.received]
