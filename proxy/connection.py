@@ -38,7 +38,8 @@ A client that leaves must not keep work going on its behalf (CONTRACT §7). aioh
 lost connection in ``connection_lost`` but, without ``handler_cancellation`` (off: it would
 cancel every stage, store calls included), lets the handler run on. The forwarder registers its
 task with ``cancel_on_departure`` while it waits on the upstream, and ``connection_lost`` cancels
-it, so a request queued for a full pool is never sent and one in progress is aborted.
+it, so a request queued for a full pool is never sent and one in progress is aborted. While it
+waits for a full pool nothing reads the connection, so ``watch_hangup`` polls it for a hang-up.
 
 One more gap is closed here: llhttp can fail *after* a request was handed to the application
 (a bad chunk size arriving after the head). aiohttp then queues the error behind that request
@@ -63,6 +64,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import select
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from http import HTTPStatus
@@ -93,6 +95,11 @@ RequestHandlerFn = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 # llhttp's (and the Python parser's) message when a head has more than ``max_headers`` fields.
 TOO_MANY_HEADERS = "Too many headers received"
+
+
+# How often a request waiting for a full upstream pool looks for its client hanging up.
+HANGUP_POLL_S = 0.1
+_HANGUP_EVENTS = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
 
 
 class RequestHeadTimeout(ProxyError):
@@ -239,6 +246,7 @@ class EdgeRequestHandler(web.RequestHandler):
         "_current",
         "_departure",
         "_gate",
+        "_hangup_watch",
         "_head_bytes",
         "_last_body",
         "_preamble",
@@ -254,6 +262,7 @@ class EdgeRequestHandler(web.RequestHandler):
         self._admitted = False
         self.departed = False  # the connection is lost (the client left, or it was closed)
         self._departure: asyncio.Task[Any] | None = None  # cancelled when it is lost
+        self._hangup_watch: asyncio.TimerHandle | None = None
         self._current: web.BaseRequest | None = None  # the request being handled
         self._head_bytes = False  # bytes of the next head have arrived
         self.head_deadline = _NONE  # loop time by which the awaited head must be complete
@@ -287,6 +296,7 @@ class EdgeRequestHandler(web.RequestHandler):
         self._gate.forget(self)
         self._disarm()
         super().connection_lost(exc)
+        self.stop_watching_hangup()
         task, self._departure = self._departure, None
         if task is not None:
             task.cancel()
@@ -296,6 +306,36 @@ class EdgeRequestHandler(web.RequestHandler):
         being handled, so that work for a client that has left stops (CONTRACT §7). aiohttp's
         ``handler_cancellation`` would cancel every stage, store calls included."""
         self._departure = task
+
+    def watch_hangup(self) -> None:
+        """Until ``stop_watching_hangup``, look for the client hanging up every
+        ``HANGUP_POLL_S`` even though nothing reads the connection: aiohttp stops reading it
+        once a body waiting to be forwarded fills its buffer, and a hang-up is then noticed
+        only when the body is read, after the request went upstream. ``poll(2)``'s
+        ``POLLRDHUP`` (Linux) reports a FIN behind unread data, ``POLLHUP``/``POLLERR`` a
+        reset; either closes the connection, which ends the work (``cancel_on_departure``)."""
+        transport = self.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None or self._hangup_watch is not None:
+            return
+        poller = select.poll()
+        poller.register(sock.fileno(), _HANGUP_EVENTS)
+        loop = asyncio.get_running_loop()
+
+        def check() -> None:
+            if poller.poll(0):
+                self._hangup_watch = None
+                if self.transport is not None:
+                    self.transport.abort()  # connection_lost follows: the client left
+            else:
+                self._hangup_watch = loop.call_later(HANGUP_POLL_S, check)
+
+        self._hangup_watch = loop.call_later(HANGUP_POLL_S, check)
+
+    def stop_watching_hangup(self) -> None:
+        if self._hangup_watch is not None:
+            self._hangup_watch.cancel()
+            self._hangup_watch = None
 
     @property
     def peername(self) -> Any:

@@ -76,6 +76,11 @@ class UpstreamPool:
             await slots.acquire()  # a free slot: returns without suspending
         self.in_flight += 1
 
+    @property
+    def full(self) -> bool:
+        """Every slot is taken: ``admit`` would wait."""
+        return self._slots.locked()
+
     def leave(self) -> None:
         self.in_flight -= 1
         self._slots.release()

@@ -204,7 +204,7 @@ class Forwarder:
             if edge is not None:
                 edge.cancel_on_departure(task)
             try:
-                return await self._forward(request, ctx, pool, target, headers, span)
+                return await self._forward(request, ctx, pool, target, headers, span, edge)
             except (UpstreamUnavailable, UpstreamTimeout, UpstreamBusy) as e:
                 self._telemetry.upstream_error(pool.name, e.code)
                 raise
@@ -230,8 +230,16 @@ class Forwarder:
         target: str,
         headers: CIMultiDict[str],
         span: Span | None,
+        edge: EdgeRequestHandler | None,
     ) -> web.StreamResponse:
-        await pool.admit()  # bounded by connect_timeout_s: 503 upstream_busy past it
+        if edge is not None and pool.full:
+            edge.watch_hangup()  # nothing reads the client while it waits
+            try:
+                await pool.admit()  # bounded by connect_timeout_s: 503 upstream_busy past it
+            finally:
+                edge.stop_watching_hangup()
+        else:
+            await pool.admit()
         try:
             if is_websocket_upgrade(request):
                 return await relay_websocket(request, pool, target, headers)

@@ -89,26 +89,48 @@ def _gauge(proxy: Proxy, name: str, upstream: str) -> float:
     return metric(proxy.admin_port, name, upstream=upstream)
 
 
+def _upload(port: int, rid: str, size: int) -> socket.socket:
+    """A POST declaring ``size`` bytes, sending at most 1 MiB of them (what the sockets take)."""
+    s = _send(
+        port,
+        f"POST /patient/renders HTTP/1.1\r\nHost: {HOST}\r\nX-Request-Id: {rid}\r\n"
+        f"Content-Type: application/octet-stream\r\nContent-Length: {size}\r\n\r\n",
+    )
+    s.settimeout(1)
+    piece, sent = b"u" * 65536, 0
+    try:
+        while sent < min(size, 1 << 20):
+            sent += s.send(piece[: min(size, 1 << 20) - sent])
+    except TimeoutError:
+        pass  # the proxy stopped reading: its buffer for the waiting body is full
+    return s
+
+
+@pytest.mark.parametrize(
+    ("size", "reset"),
+    [(15, True), (15, False), (64 << 20, True), (64 << 20, False)],
+    ids=["small-rst", "small-fin", "large-rst", "large-fin"],
+)
 def test_a_post_queued_for_a_full_pool_is_never_sent_once_its_client_hangs_up(
-    stack: tuple[Proxy, Path], echo: Echo
+    stack: tuple[Proxy, Path], echo: Echo, size: int, reset: bool
 ) -> None:
+    """A small body sits in aiohttp's buffer and the hang-up is read at once; past the buffer
+    (the large upload) nothing reads the connection while the request waits, and the hang-up,
+    a FIN behind unread body bytes included, is found by polling it."""
     proxy, audit = stack
     occupant, queued = str(uuid.uuid4()), str(uuid.uuid4())
     holder = _hold(proxy.port, "/patient", occupant)
     assert wait_for(lambda: _stub(echo, "count", occupant) == 1, 5), "the pool never filled"
-    body = b'{"render": "x"}'
-    poster = _send(
-        proxy.port,
-        f"POST /patient/renders HTTP/1.1\r\nHost: {HOST}\r\nX-Request-Id: {queued}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n",
-        body,
-    )
+    poster = _upload(proxy.port, queued, size)
     # The POST waits for the one connection, which the occupant holds: max_connections bounds
     # what is in flight.
     assert wait_for(lambda: _gauge(proxy, "edge_upstream_waiting", "patient") == 1, 5)
     assert _gauge(proxy, "edge_upstream_in_flight", "patient") == 1
     started = time.monotonic()
-    _hang_up(poster)
+    if reset:
+        _hang_up(poster)
+    else:
+        poster.close()
     row = _row(audit, queued)
     assert (row["status_code"], row["error_message"]) == (499, "client_closed_request")
     assert time.monotonic() - started < PATIENT_WAIT_S / 2, "the wait was not cut short"
