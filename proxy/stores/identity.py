@@ -5,25 +5,20 @@ the entries it names (see ``sql/003_edge_invalidation.sql``); an unreadable one,
 (re)connection of the listener, flushes everything, since changes may have been missed.
 
 Lookups by a name a client chose (a Host, a key prefix, a challenge's domain) go through the
-miss budget (``core.budget``, CONTRACT §3): a lookup that finds no token waits for one up to
-``store_timeout_s``, then is answered 503 ``tenant_store_unavailable`` with ``Retry-After: 1``.
-Lookups by tenant id come from key rows, not from clients, and are not budgeted.
+miss budget (``stores.miss_budget``, CONTRACT §3). Lookups by tenant id come from key rows,
+not from clients, and are not budgeted.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
 from proxy.core.apikeys import ApiKey
-from proxy.core.budget import MissBudget
 from proxy.core.tenancy import Tenant
-from proxy.errors import TenantStoreUnavailable
 from proxy.stores.cached import LoadingCache
+from proxy.stores.miss_budget import BudgetedLoads
 from proxy.stores.postgres import ChangeListener, PostgresStore
 
 TenantKey = tuple[str, str]  # ("domain" | "slug" | "id", value)
@@ -31,57 +26,6 @@ _K = TypeVar("_K", bound=Hashable)
 _V = TypeVar("_V")
 # Unknown names remembered per cache, apart from the known ones (stores.cached).
 MAX_MISS_ENTRIES = 10_000
-
-
-class BudgetedLoads:
-    """Runs loads of client-chosen names within a ``MissBudget``; only loads whose result is
-    empty (a miss) keep the token they took."""
-
-    def __init__(
-        self,
-        per_s: float,
-        timeout_s: float,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._clock = clock
-        self._timeout = timeout_s
-        self.budget = MissBudget(per_s, per_s, clock())
-        self._returned = asyncio.Event()
-        self.refusals = 0
-
-    async def _take(self) -> None:
-        end = self._clock() + self._timeout
-        while not self.budget.try_take(self._clock()):
-            left = end - self._clock()
-            if left <= 0:
-                self.refusals += 1
-                raise TenantStoreUnavailable(
-                    "too many lookups of unknown names; try again shortly",
-                    headers={"Retry-After": "1"},
-                )
-            # Woken by a token given back, or when the next one has refilled.
-            self._returned.clear()
-            with contextlib.suppress(TimeoutError):
-                wait = min(left, self.budget.wait_s(self._clock()))
-                await asyncio.wait_for(self._returned.wait(), wait)
-
-    def _give_back(self) -> None:
-        self.budget.give_back(self._clock())
-        self._returned.set()
-
-    def wrap(self, load: Callable[[str], Awaitable[_V]]) -> Callable[[str], Awaitable[_V]]:
-        async def budgeted(key: str) -> _V:
-            await self._take()
-            try:
-                value = await load(key)
-            except BaseException:
-                self._give_back()  # it never learnt whether the name exists
-                raise
-            if value:
-                self._give_back()
-            return value
-
-        return budgeted
 
 
 class CachedIdentityStore:

@@ -1,14 +1,15 @@
-"""proxy.stores.identity.BudgetedLoads: only misses spend the budget; a lookup beyond it waits
+"""proxy.stores.miss_budget.BudgetedLoads: only misses spend the budget; a lookup beyond it waits
 for a token up to the store timeout, then is refused 503 with Retry-After: 1."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from proxy.errors import TenantStoreUnavailable
-from proxy.stores.identity import BudgetedLoads
+from proxy.stores.miss_budget import BudgetedLoads
 
 
 class Store:
@@ -80,3 +81,37 @@ async def test_a_failed_lookup_gives_its_token_back() -> None:
         with pytest.raises(TenantStoreUnavailable):
             await budgeted("x")
     assert loads.refusals == 0
+
+
+async def test_waiters_are_served_first_come_first_served_as_tokens_refill() -> None:
+    store = Store(set())
+    loads = BudgetedLoads(per_s=20, timeout_s=30.0)
+    budgeted = loads.wrap(store.load)
+    for i in range(20):  # the burst, spent on misses
+        assert await budgeted(f"x{i}") is None
+    waiting = [asyncio.create_task(budgeted(f"late{i}")) for i in range(5)]
+    assert await asyncio.gather(*waiting) == [None] * 5
+    assert store.calls[20:] == [f"late{i}" for i in range(5)]  # in the order they came
+    assert loads.refusals == 0
+
+
+async def test_a_waiter_that_gives_up_does_not_keep_a_token() -> None:
+    store = Store({"acme"}, gated=True)
+    loads = BudgetedLoads(per_s=1, timeout_s=30.0)
+    budgeted = loads.wrap(store.load)
+    first = asyncio.create_task(budgeted("acme"))
+    await store.called.wait()
+    assert loads.budget.wait_s(time.monotonic()) > 0  # spent: the next two must queue
+    leaving = asyncio.create_task(budgeted("acme"))
+    staying = asyncio.create_task(budgeted("acme"))
+    await asyncio.sleep(0)  # both are queued now
+    leaving.cancel()
+    store.gates[0].set()  # a hit: its token goes to the next waiter still there
+    assert await first == "ACME"
+    while len(store.gates) < 2:
+        store.called.clear()
+        await store.called.wait()
+    store.gates[1].set()
+    assert await staying == "ACME"
+    assert leaving.cancelled()
+    assert store.calls == ["acme", "acme"]
