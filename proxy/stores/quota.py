@@ -1,10 +1,11 @@
 """Monthly render-quota stores (CONTRACT §13): reserve a unit at admission, then settle it once
 the answer is known (kept when the upstream answered 2xx, given back otherwise).
 
-- ``RedisQuotaStore`` (``REDIS_URL`` set) is exact across every process: one Lua script call
-  per decision, on two keys that share the tenant's hash tag (Redis Cluster spec), so that one
-  node decides atomically: the month's count, and the reservations in flight as a sorted set
-  scored by their expiry on Redis's clock. A process that dies holding reservations loses them
+- ``RedisQuotaStore`` (``REDIS_URL`` set) is exact across every process: each decision is made
+  by a Lua script on two keys that share the tenant's hash tag (Redis Cluster spec), so that one
+  node decides it atomically: the month's count, and the reservations in flight as a sorted set
+  scored by their expiry on Redis's clock. The decisions of one event-loop turn share one
+  script call (per tenant in cluster mode), as the limiter's checks do. A process that dies holding reservations loses them
   after ``ratelimit.quota_lease_s`` (they are swept at each decision), and the count expires
   after its month. A missing count (a flushed or failed-over Redis) is rebuilt from the month's
   ``renders_started`` in Postgres. Redis unreachable: ``failure_mode = "open"`` admits this
