@@ -275,3 +275,21 @@ async def test_cli_publish_refusals(
     assert result.returncode == 2
     assert_one_line_error(result, needle)
     assert await events_of(db, tenant) == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("webhooks", "run"), "DATABASE_URL"),
+        (("webhooks", "enable", "not-a-uuid"), "WEBHOOK_ID"),
+        (("webhooks", "replay", "--event", "42"), "--event"),
+        (("webhooks", "replay", "--event", str(uuid.uuid4()), "--webhook", "x"), "--webhook"),
+        (("events", "publish", "--tenant", "acme", "--type", "render.completed"), "DATABASE_URL"),
+    ],
+)
+async def test_webhook_commands_refuse_bad_arguments_in_one_line(
+    args: tuple[str, ...], needle: str
+) -> None:
+    result = await asyncio.to_thread(run, *args)
+    assert result.returncode == 2
+    assert_one_line_error(result, needle)
