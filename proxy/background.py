@@ -199,6 +199,37 @@ class Periodic(Job):
             await self._call()
 
 
+class RecoveryProbe(Job):
+    """A circuit breaker's probe: ``check`` every ``interval_s`` seconds until it passes, then
+    ``recovered`` once, and the job ends. A failed check is expected (the dependency is down),
+    not a bug: ``failed`` is called and the probe goes on. ``start`` again at the next trip."""
+
+    def __init__(
+        self,
+        name: str,
+        interval_s: float,
+        check: Callable[[], Awaitable[None]],
+        recovered: Callable[[], None],
+        failed: Callable[[], None] = lambda: None,
+        **job_options: Any,
+    ) -> None:
+        super().__init__(name, **job_options)
+        self.interval_s = interval_s
+        self._check = check
+        self._recovered = recovered
+        self._failed = failed
+
+    async def run(self) -> None:
+        while not await self.sleep(self.interval_s):
+            try:
+                await self._check()
+            except Exception:
+                self._failed()
+                continue
+            self._recovered()
+            return
+
+
 async def cancel(task: asyncio.Task[Any] | None) -> None:
     """Cancel ``task`` and wait until it has finished."""
     if task is None:

@@ -26,7 +26,7 @@ from datetime import date, datetime
 from functools import partial
 from typing import Any
 
-from proxy.background import cancel
+from proxy.background import RecoveryProbe
 from proxy.core.quota import (
     admits,
     first_day,
@@ -231,10 +231,15 @@ class RedisQuotaStore:
         self._instances = expected_instances
         self._lease_ms = lease_s * 1000
         self._lease_s = lease_s
-        self._probe_interval = probe_interval_s
         self._open = False
         self._closing = False
-        self._probe: asyncio.Task[None] | None = None
+        self._probe = RecoveryProbe(
+            "redis-quota-probe",
+            probe_interval_s,
+            self._ping_and_replay,
+            recovered=self._recovered,
+            failed=client.reset,
+        )
         self._inflight: set[asyncio.Future[Any]] = set()
         self._pending: list[_Op] = []
         self._scheduled = False
@@ -430,22 +435,17 @@ class RedisQuotaStore:
             type(error).__name__,
             "admits each process's share" if self._fail_open else "refuses requests (503)",
         )
-        self._probe = asyncio.ensure_future(self._probe_until_healthy())
+        self._probe.start()
 
-    async def _probe_until_healthy(self) -> None:
-        while True:
-            await asyncio.sleep(self._probe_interval)
-            try:
-                async with asyncio.timeout(self._deadline):
-                    await self._client.ping()
-                await self._replay()
-            except Exception:
-                self._client.reset()
-                continue
-            self._open = False
-            self._outage_used.clear()
-            log.warning("redis answers again: exact render quota resumed")
-            return
+    async def _ping_and_replay(self) -> None:
+        async with asyncio.timeout(self._deadline):
+            await self._client.ping()
+        await self._replay()
+
+    def _recovered(self) -> None:
+        self._open = False
+        self._outage_used.clear()
+        log.warning("redis answers again: exact render quota resumed")
 
     async def _replay(self) -> None:
         """Add the units kept during the outage to the months' counts."""
@@ -460,7 +460,7 @@ class RedisQuotaStore:
 
     async def close(self) -> None:
         self._closing = True
-        await cancel(self._probe)
+        await self._probe.stop()
         if self._pending:
             self._flush()
         if self._inflight:

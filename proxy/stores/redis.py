@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 
 from cachetools import TLRUCache
 
-from proxy.background import cancel
+from proxy.background import RecoveryProbe
 from proxy.core.bucket import Decision, decide, seconds_until_token
 from proxy.errors import RateLimiterUnavailable
 from proxy.stores.buckets import MemoryBucketStore
@@ -160,7 +160,6 @@ class RedisBucketStore:
         self._deadline = deadline_s
         self._fail_open = failure_mode == "open"
         self._divisor = expected_instances
-        self._probe_interval = probe_interval_s
         self._clock = clock
         self._fallback = MemoryBucketStore(clock=clock)
         self._pending: list[_Check] = []
@@ -175,7 +174,13 @@ class RedisBucketStore:
         )
         self._open = False
         self._closing = False
-        self._probe: asyncio.Task[None] | None = None
+        self._probe = RecoveryProbe(
+            "redis-limiter-probe",
+            probe_interval_s,
+            self._ping,
+            recovered=self._recovered,
+            failed=client.reset,
+        )
         self._inflight: set[asyncio.Future[Any]] = set()
         self.commands_sent = 0
         self.slowest_call_s = 0.0  # longest healthy round trip seen, event-loop lag included
@@ -332,24 +337,19 @@ class RedisBucketStore:
             type(error).__name__,
             "from in-process buckets" if self._fail_open else "refuses requests (503)",
         )
-        self._probe = asyncio.ensure_future(self._probe_until_healthy())
+        self._probe.start()
 
-    async def _probe_until_healthy(self) -> None:
-        while True:
-            await asyncio.sleep(self._probe_interval)
-            try:
-                async with asyncio.timeout(self._deadline):
-                    await self._client.ping()
-            except Exception:
-                self._client.reset()
-                continue
-            self._open = False
-            log.warning("redis answers again: exact rate limiting resumed")
-            return
+    async def _ping(self) -> None:
+        async with asyncio.timeout(self._deadline):
+            await self._client.ping()
+
+    def _recovered(self) -> None:
+        self._open = False
+        log.warning("redis answers again: exact rate limiting resumed")
 
     async def close(self) -> None:
         self._closing = True
-        await cancel(self._probe)
+        await self._probe.stop()
         if self._inflight:
             await asyncio.wait(list(self._inflight), timeout=self._deadline)
         with contextlib.suppress(Exception):

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from proxy.background import Job, Periodic, job_failures
+from proxy.background import Job, Periodic, RecoveryProbe, job_failures
 from proxy.core.backoff import backoff_s
 from proxy.errors import TenantStoreUnavailable
 from proxy.stores.usage import KeyUsage, UsageRecorder
@@ -221,3 +221,35 @@ async def test_periodic_at_start_ticks_at_once_and_without_a_tick_on_stop() -> N
     flush.start()
     await flush.stop()
     assert ticks == 2  # the default: no tick at start, one on stop
+
+
+async def test_a_recovery_probe_checks_until_it_passes_then_ends() -> None:
+    outcomes = [ConnectionError("down"), TimeoutError(), None]
+    failed, recovered = [], asyncio.Event()
+
+    async def check() -> None:
+        outcome = outcomes.pop(0)
+        if outcome is not None:
+            raise outcome
+
+    probe = RecoveryProbe(
+        "probe", 0, check, recovered=recovered.set, failed=lambda: failed.append(1)
+    )
+    probe.start()
+    await asyncio.wait_for(recovered.wait(), WAIT)
+    await probe.stop()
+    assert (len(failed), outcomes, probe.failures) == (2, [], 0)  # expected failures, no bugs
+
+
+async def test_stopping_a_probe_that_is_waiting_ends_it_without_a_check() -> None:
+    checks = 0
+
+    async def check() -> None:
+        nonlocal checks
+        checks += 1
+
+    probe = RecoveryProbe("probe", 3600, check, recovered=lambda: None)
+    probe.start()
+    await asyncio.sleep(0)  # the probe is waiting for its first interval
+    await asyncio.wait_for(probe.stop(), WAIT)
+    assert not probe.running and checks == 0

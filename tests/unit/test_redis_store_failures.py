@@ -83,5 +83,5 @@ async def test_no_probe_outlives_close() -> None:
     future.set_exception(ConnectionError("reset"))
     await closing
     assert (await taking).allowed  # answered, degraded
-    probes = [t for t in asyncio.all_tasks() if "_probe_until_healthy" in repr(t)]
+    probes = [t for t in asyncio.all_tasks() if "probe" in t.get_name()]
     assert probes == []
