@@ -85,6 +85,10 @@ class Job:
     async def finish(self) -> None:
         """Called once by ``stop`` after ``run`` ended: write or hand back what the job holds."""
 
+    def wake(self) -> None:
+        """Called by ``stop`` at once: wake whatever ``run`` waits on besides ``sleep`` (an
+        event of its own, a connection's loss), so that it sees ``stopping`` without delay."""
+
     # -- what the base gives ----------------------------------------------------------------------
 
     @property
@@ -121,6 +125,7 @@ class Job:
     async def stop(self) -> None:
         """Stop the loop between rounds, then ``finish``. Returns when both are done."""
         self._stop.set()
+        self.wake()
         task, self._task = self._task, None
         if task is not None:
             done, _ = await asyncio.wait({task}, timeout=self._stop_timeout)

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import asyncpg
 import orjson
 
-from proxy.background import cancel
+from proxy.background import Job
 from proxy.core.apikeys import ApiKey
 from proxy.core.tenancy import Branding, Tenant
 from proxy.errors import TenantStoreUnavailable
@@ -243,10 +243,12 @@ class PostgresStore:
         return True
 
 
-class ChangeListener:
+class ChangeListener(Job):
     """Holds a LISTEN connection; calls ``on_change(payload)`` per notification, and
     ``on_reconnect()`` each time listening (re)starts, since changes made while it was not
-    listening were missed. Reconnects with capped backoff; pings to notice a dead link."""
+    listening were missed. Reconnects with capped backoff; pings to notice a dead link. Any
+    other exception (a bug in a callback, say) is the job base's: logged, counted, restarted
+    with backoff, so changes never stop arriving for good."""
 
     def __init__(
         self,
@@ -266,9 +268,10 @@ class ChangeListener:
         self._on_reconnect = on_reconnect
         self._timeout = timeout_s
         self._ping_interval = ping_interval_s
-        self._task: asyncio.Task[None] | None = None
+        self._lost = asyncio.Event()  # the current connection's: set when it ends, or on stop
         self.connected = asyncio.Event()
         self.reconnects = 0
+        super().__init__(application_name)
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         try:
@@ -283,9 +286,11 @@ class ChangeListener:
             timeout=self._timeout,
             server_settings={"application_name": self._application_name},
         )
-        lost = asyncio.Event()
+        self._lost = lost = asyncio.Event()
         conn.add_termination_listener(lambda _c: lost.set())
         try:
+            if self.stopping:
+                return
             await conn.add_listener(self._channel, self._notified)
             self._on_reconnect()
             self.reconnects += 1
@@ -299,21 +304,23 @@ class ChangeListener:
             self.connected.clear()
             conn.terminate()
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
         delay = 0.1
-        while True:
+        while not self.stopping:
             try:
                 await self._listen_once()
                 delay = 0.1
-            except DB_ERRORS as e:
+            except DB_ERRORS as e:  # expected while Postgres is away: not a failure of the job
                 log.warning(
                     "LISTEN connection lost (%s); retrying in %.1fs", type(e).__name__, delay
                 )
-            await asyncio.sleep(delay)
+            self.succeeded()
+            if await self.sleep(delay):
+                return
             delay = min(delay * 2, 2.0)
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+    def wake(self) -> None:
+        self._lost.set()
 
     async def close(self) -> None:
-        await cancel(self._task)
+        await self.stop()
