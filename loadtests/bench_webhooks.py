@@ -15,7 +15,7 @@
 
 Without ``--dsn`` it starts a throwaway Postgres (tests/servers.py: fsync=off, so commits cost
 less than on a durable server). With ``--dsn`` the database must be migrated; the bench adds a
-tenant and webhooks of its own (slug ``bench-<random>``) and leaves them there.
+tenant and webhooks of its own (tests/e2e/webhooks.py helpers) and leaves them there.
 """
 
 from __future__ import annotations
@@ -39,32 +39,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from proxy.migrate import apply_migrations  # noqa: E402
+from tests.e2e.webhooks import add_webhook, new_tenant  # noqa: E402
 from tests.procs import free_port, stop, wait_port, write_config  # noqa: E402
 
 PUBLISH = "SELECT identity.publish_event($1::uuid, $2::uuid, $3, $4::jsonb, $5)"
 PLAIN = """INSERT INTO bench_plain_events (id, tenant_id, type, data, occurred_at)
            VALUES ($1::uuid, $2::uuid, $3, $4::jsonb, $5)"""
 DATA = '{"render_id": "r-1", "render_seconds": 42.5, "compute_seconds": 310}'
-
-
-async def new_tenant(conn: asyncpg.Connection) -> str:
-    tenant = str(uuid.uuid4())
-    await conn.execute(
-        "INSERT INTO identity.tenants (id, slug, name, status) VALUES ($1, $2, 'Bench', 'Active')",
-        tenant,
-        f"bench-{tenant[:8]}",
-    )
-    return tenant
-
-
-async def add_webhook(conn: asyncpg.Connection, tenant: str, url: str, events: list[str]) -> None:
-    await conn.execute(
-        """INSERT INTO identity.tenant_webhooks (tenant_id, name, url, events, secret)
-           VALUES ($1, 'bench', $2, $3, 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw')""",
-        tenant,
-        url,
-        events,
-    )
 
 
 async def delivery(dsn: str, events: int, receiver_port: int, tmp: Path) -> tuple[float, float]:
