@@ -251,7 +251,9 @@ class Stores:
     def jobs(self) -> list[Job]:
         """The background jobs the stores run (their failures are a metric)."""
         held = (self.usage, self.audit)
-        own: list[Job] = [x.job for x in held if isinstance(x, UsageRecorder | JsonlAuditSink)]
+        own: list[Job] = [
+            x.job for x in held if isinstance(x, UsageRecorder | JsonlAuditSink | PostgresAuditSink)
+        ]
         if self.identity is not None:
             own.append(self.identity.listener)
         return [*own, *self.more_jobs]

@@ -48,6 +48,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import date
 from functools import partial
+from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -55,6 +56,7 @@ import asyncpg
 from proxy.audit.partitions import ensure_partition, month_of
 from proxy.audit.record import AuditRecord
 from proxy.audit.spool import Spool
+from proxy.background import Job
 from proxy.core.backoff import backoff_s
 from proxy.settings import AuditSettings, ConfigError
 from proxy.stores.postgres import DB_ERRORS, close_pool, create_pool, run_bounded
@@ -238,6 +240,21 @@ async def _write_batch(conn: asyncpg.Connection, rows: Sequence[AuditRecord]) ->
     return inserted
 
 
+class _Flusher(Job):
+    """The sink's flusher on the common job base. Its loop handles a database that is away
+    itself (backoff, spool); the base restarts it after anything its loop did not expect."""
+
+    def __init__(self, sink: PostgresAuditSink, **job_options: Any) -> None:
+        super().__init__("audit-flusher", **job_options)
+        self._sink = sink
+
+    async def run(self) -> None:
+        await self._sink._run()
+
+    def wake(self) -> None:
+        self._sink._wake.set()
+
+
 def _describe(e: BaseException) -> str:
     detail = " ".join(str(e).split())[:200]
     return f"{type(e).__name__}: {detail}" if detail else type(e).__name__
@@ -263,10 +280,9 @@ class PostgresAuditSink:
         self._buffer: list[AuditRecord] = []
         self._months: set[date] = set()  # partitions known to exist
         self._wake = asyncio.Event()
-        self._closing = False
+        self.job = _Flusher(self, stop_timeout_s=2 * self._timeout + 30)
         self._closed = False
         self._pool: asyncpg.Pool | None = None
-        self._task: asyncio.Task[None] | None = None
         self.counters = AuditCounters()
 
     @property
@@ -298,15 +314,12 @@ class PostgresAuditSink:
         # One connection: the flusher is the only user, and a separate pool keeps audit
         # writes from ever queueing ahead of request-path lookups in the identity store's.
         self._pool = await create_pool(self._dsn, timeout_s=self._timeout, max_size=1)
-        self._task = asyncio.create_task(self._run(), name="audit-flusher")
+        self.job.start()
 
     async def close(self) -> None:
         """Write what is queued (CONTRACT §9: nothing lost on SIGTERM), else spool it; bounded
         by about write_timeout_s (a batch in flight) + drain_timeout_s + the spool writes."""
-        self._closing = True
-        self._wake.set()
-        if self._task is not None:
-            await self._task  # returns after its current step; each step is bounded
+        await self.job.stop()  # returns after its current step; each step is bounded
         if self._pool is not None:
             try:
                 async with asyncio.timeout(self._drain_timeout):
@@ -327,7 +340,7 @@ class PostgresAuditSink:
     async def _run(self) -> None:
         # The first round runs at once: a spool left by an earlier process is replayed now.
         failures = 0
-        while not self._closing:
+        while not self.job.stopping:
             try:
                 await self._flush_buffer()
                 await self._replay_spool()
@@ -354,7 +367,7 @@ class PostgresAuditSink:
         ``backoff_s``, spilling to the spool whenever the buffer passes its limit."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self._interval if backoff_s is None else backoff_s)
-        while not self._closing:
+        while not self.job.stopping:
             if backoff_s is None and len(self._buffer) >= self._batch_max:
                 return
             remaining = deadline - loop.time()
@@ -384,7 +397,7 @@ class PostgresAuditSink:
 
     async def _replay_spool(self) -> None:
         # Between files, the buffer goes first if it filled a batch meanwhile.
-        while not self._closing and len(self._buffer) < self._batch_max:
+        while not self.job.stopping and len(self._buffer) < self._batch_max:
             try:
                 claimed = await asyncio.to_thread(self._spool.claim_next)
             except OSError as e:
