@@ -34,9 +34,16 @@ class DestinationNotAllowed(OSError):
 def public_unicast(ip: IPAddress) -> bool:
     """Not loopback, private (RFC 1918, fc00::/7), shared (100.64.0.0/10), link-local
     (169.254.0.0/16, fe80::/10), multicast, reserved or unspecified. ``is_global`` alone
-    would let multicast through; an IPv4-mapped IPv6 address is judged as its IPv4 address."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    would let multicast and the deprecated site-local fec0::/10 through. An IPv6 address that
+    carries an IPv4 one (IPv4-mapped, 6to4 2002::/16) is judged by that IPv4 address too: a
+    6to4 relay would deliver 2002:a00:1:: to 10.0.0.1."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return public_unicast(ip.ipv4_mapped)
+        if ip.sixtofour is not None and not public_unicast(ip.sixtofour):
+            return False
+        if ip.is_site_local:
+            return False
     return ip.is_global and not (
         ip.is_multicast
         or ip.is_reserved

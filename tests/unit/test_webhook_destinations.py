@@ -44,6 +44,11 @@ LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
         ("::", False),
         ("::ffff:127.0.0.1", False),  # IPv4-mapped loopback
         ("::ffff:93.184.216.34", True),
+        ("fec0::1", False),  # site-local: is_global alone would allow it
+        ("2002:a00:1::1", False),  # 6to4 carrying 10.0.0.1
+        ("2002:5db8:d822::1", True),  # 6to4 carrying 93.184.216.34
+        ("64:ff9b::a00:1", False),  # NAT64 (reserved ::/8 in Python's table): refused
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", False),  # Teredo
     ],
 )
 def test_public_unicast(address: str, public: bool) -> None:
