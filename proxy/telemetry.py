@@ -33,7 +33,6 @@ from opentelemetry.sdk.trace.export import (
     SimpleSpanProcessor,
     SpanExporter,
 )
-from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
@@ -42,13 +41,9 @@ from opentelemetry.sdk.trace.sampling import (
     TraceIdRatioBased,
 )
 from opentelemetry.trace import (
-    NonRecordingSpan,
     Span,
-    SpanContext,
     SpanKind,
-    TraceFlags,
     Tracer,
-    get_current_span,
     set_span_in_context,
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -61,10 +56,10 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from proxy.core.tracecontext import child_traceparent
 from proxy.settings import TelemetrySettings
 
 _NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
-_IDS = RandomIdGenerator()
 _PROPAGATOR = TraceContextTextMapPropagator()
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -178,23 +173,17 @@ class Telemetry:
     ) -> None:
         """Set ``traceparent`` (and ``tracestate``) for the upstream from the proxy's span, or,
         without one, from the client's trace and an id of the proxy's own (W3C Trace Context
-        §3.2: a participant forwards the trace-id and replaces the parent-id with its own)."""
+        §3.2: a participant forwards the trace-id and replaces the parent-id with its own; the
+        client's ``tracestate`` passed the header filter and goes with it)."""
         if self._passthrough:
             return  # whatever the client sent passed the header filter unchanged
         if span is None:
-            # The propagator validates the client's header (version, lengths, all-zero ids);
-            # an invalid or missing one starts a new trace, unsampled: nothing records it here.
-            parent = get_current_span(_PROPAGATOR.extract(inbound)).get_span_context()
-            headers.popall("tracestate", None)  # re-set from the parsed parent if it had one
-            span = NonRecordingSpan(
-                SpanContext(
-                    parent.trace_id if parent.is_valid else _IDS.generate_trace_id(),
-                    _IDS.generate_span_id(),
-                    is_remote=False,
-                    trace_flags=parent.trace_flags if parent.is_valid else TraceFlags(0),
-                    trace_state=parent.trace_state if parent.is_valid else None,
-                )
-            )
+            headers["traceparent"], continued = child_traceparent(inbound.get("traceparent"))
+            if not continued:
+                # A tracestate belongs to the traceparent it came with (W3C Trace Context
+                # §3.3): not to a new trace.
+                headers.popall("tracestate", None)
+            return
         _PROPAGATOR.inject(headers, context=set_span_in_context(span))
 
     # -- metrics
