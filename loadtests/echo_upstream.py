@@ -12,6 +12,8 @@ Endpoints (any prefix; matched on the last path segment):
 - ``.../truncate``         promises 1 MiB (Content-Length, or chunked with ``?chunked=1``),
                             sends 64 KiB, then aborts
 - ``.../hop``              answers with hop-by-hop and Connection-named headers
+- ``.../events?first=1``   server-sent events: the head (and with ``first=1`` one event) at
+                            once, the next event only after ``gap`` seconds (default 30)
 - ``.../ws``               WebSocket echo
 - ``/__count/<request-id>`` how many requests with that X-Request-Id arrived
 - ``/__closed/<request-id>`` whether a ``hold`` request with that X-Request-Id saw its
@@ -81,6 +83,23 @@ async def _hold(request: web.Request, rid: str | None) -> web.StreamResponse:
     return await _echo(request)
 
 
+async def _events(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    if request.query.get("first") == "1":
+        await response.write(b"data: first\n\n")
+    loop = asyncio.get_running_loop()
+    end = loop.time() + float(request.query.get("gap", "30"))
+    while loop.time() < end:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return response  # the reader left: stop holding
+        await asyncio.sleep(0.01)
+    await response.write(b"data: later\n\n")
+    await response.write_eof()
+    return response
+
+
 async def _ws(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(protocols=("render.v1",))
     await ws.prepare(request)
@@ -144,6 +163,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         )
     if last == "ws":
         return await _ws(request)
+    if last == "events":
+        return await _events(request)
     return await _echo(request)
 
 

@@ -1,13 +1,7 @@
 """Composition root: build the stores, the stages and the aiohttp applications from Settings.
 
-The order of stages follows DESIGN.md: entry (request id, errors) → target (Host, path) →
-challenge (custom-domain verification) → tenant → cors → route → audit → access (key
-identified, tenant status, key authorised) → render quota → rate limit → forward. CORS sits
-before routing and the status check so that their refusals carry CORS headers too, and answers
-preflights before anything is audited (they are not rows); audit needs the route (is it an audit
-route?) and sits outside the status check, auth, the quota and rate limiting so that every
-refusal of a resolved tenant is recorded (CONTRACT §9); the quota comes before the rate limit so
-that a quota refusal spends no token (§13). Everything is built here once.
+The stages are built here once and composed per route by ``pipeline.plan``, which says their
+order and why; the application has no middlewares, only that one handler.
 """
 
 from __future__ import annotations
@@ -23,7 +17,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.core import Metric
 
@@ -35,14 +28,14 @@ from proxy.connection import ConnectionGate, listen
 from proxy.core.hosts import BadHost, is_platform_name, normalize_host
 from proxy.domains.service import start_verifier
 from proxy.errors import TenantStoreUnavailable
-from proxy.pipeline.audit import audit_stage
-from proxy.pipeline.auth import auth_stage
-from proxy.pipeline.cors import cors_stage
-from proxy.pipeline.entry import entry_stage, expect_handler, stamp_response
+from proxy.pipeline.audit import AuditStage
+from proxy.pipeline.auth import auth_stage, open_stage
+from proxy.pipeline.entry import expect_handler
 from proxy.pipeline.forward import Forwarder
-from proxy.pipeline.quota import quota_stage
+from proxy.pipeline.plan import Pipeline, Planner
+from proxy.pipeline.quota import QuotaStage
 from proxy.pipeline.ratelimit import LimitCounters, limit_without_a_token, ratelimit_stage
-from proxy.pipeline.routing import challenge_stage, route_stage, target_stage
+from proxy.pipeline.routing import challenge_stage
 from proxy.pipeline.tenant import tenant_stage
 from proxy.settings import ConfigError, Settings
 from proxy.stores.base import (
@@ -75,6 +68,7 @@ from proxy.worker_metrics import WorkerSet, all_workers, serve_own
 log = logging.getLogger("proxy")
 ROUTING = web.AppKey("routing", Routing)
 TELEMETRY = web.AppKey("telemetry", Telemetry)
+PIPELINE = web.AppKey("pipeline", Pipeline)
 
 
 def store_metrics(stores: Stores) -> Callable[[], Iterable[Metric]]:
@@ -338,39 +332,45 @@ def build_app(
     telemetry = telemetry or Telemetry(settings.telemetry)
     access = AccessLog() if settings.telemetry.access_log else None
     routing = Routing(settings)
-    stages: list[Middleware] = [
-        entry_stage(settings.server.trusted_proxies, telemetry, access),
-        target_stage,
-        challenge_stage(stores.challenges, settings.tenancy.platform_domains, clock),
-        tenant_stage(stores.tenants, settings.tenancy.platform_domains, telemetry),
-        cors_stage,
-        route_stage(routing),
-    ]
-    if stores.audit is not None:
-        stages.append(audit_stage(stores.audit, clock))
-    stages += [
-        auth_stage(stores.keys, stores.tenants, stores.usage, clock, telemetry),
-        quota_stage(
-            stores.quotas,
-            clock,
-            telemetry,
-            limit_without_a_token(stores.buckets, settings.ratelimit),
+    ratelimit = settings.ratelimit
+    audit = AuditStage(stores.audit, clock) if stores.audit is not None else None
+    planner = Planner(
+        audited=audit is not None,
+        auth=auth_stage(stores.keys, stores.tenants, stores.usage, clock, telemetry),
+        open_access=open_stage(clock),
+        quota=QuotaStage(
+            stores.quotas, clock, telemetry, limit_without_a_token(stores.buckets, ratelimit)
         ),
-        ratelimit_stage(stores.buckets, settings.ratelimit, stores.limits, telemetry),
-    ]
-    app = web.Application(middlewares=stages)
-    app[ROUTING] = routing
-    app[TELEMETRY] = telemetry
-    telemetry.collect_from(store_metrics(stores))
-    telemetry.collect_from(pool_metrics(routing))
+        ratelimit=ratelimit_stage(stores.buckets, ratelimit, stores.limits, telemetry),
+        ratelimit_settings=ratelimit,
+    )
     forwarder = Forwarder(
         settings.server.max_body_bytes,
         settings.server.body_timeout_s,
         telemetry,
         settings.server.trusted_proxies,
     )
-    app.router.add_route("*", "/{tail:.*}", forwarder.handle, expect_handler=expect_handler)
-    app.on_response_prepare.append(stamp_response)
+    platform_domains = settings.tenancy.platform_domains
+    pipeline = Pipeline(
+        routing=routing,
+        planner=planner,
+        audit=audit,
+        trusted_proxies=settings.server.trusted_proxies,
+        challenge=challenge_stage(stores.challenges, platform_domains, clock),
+        tenant=tenant_stage(stores.tenants, platform_domains, telemetry),
+        forward=forwarder.handle,
+        telemetry=telemetry,
+        access=access,
+    )
+    app = web.Application()
+    app[ROUTING] = routing
+    app[PIPELINE] = pipeline
+    app[TELEMETRY] = telemetry
+    telemetry.collect_from(store_metrics(stores))
+    telemetry.collect_from(pool_metrics(routing))
+    # serve() hands requests to the pipeline directly (connection.listen); this route is for
+    # an application served by aiohttp's own runner (the tests' TestServer).
+    app.router.add_route("*", "/{tail:.*}", pipeline.handle, expect_handler=expect_handler)
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
         await stores.start()
@@ -491,7 +491,7 @@ async def serve(
         trusted_proxies=s.trusted_proxies,
     )
     listener = await listen(
-        runner, s.listen.host, s.listen.port, gate, handler_kwargs, backlog=1024
+        runner, app[PIPELINE].handle, s.listen.host, s.listen.port, gate, handler_kwargs
     )
     telemetry.collect_from(
         lambda: [
@@ -528,7 +528,7 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     if reload is not None:
         loop.add_signal_handler(
-            signal.SIGHUP, _reloader(app[ROUTING], reload, s.shutdown_timeout_s)
+            signal.SIGHUP, _reloader(app[ROUTING], app[PIPELINE], reload, s.shutdown_timeout_s)
         )
     await stop.wait()
     draining.set()
@@ -554,7 +554,7 @@ def freeze_startup_objects() -> None:
 
 
 def _reloader(
-    routing: Routing, reload: Callable[[], Settings], grace_s: float
+    routing: Routing, pipeline: Pipeline, reload: Callable[[], Settings], grace_s: float
 ) -> Callable[[], None]:
     def on_sighup() -> None:
         try:
@@ -565,6 +565,7 @@ def _reloader(
             )
             return
         routing.reload(fresh, grace_s)
+        pipeline.replan()
         log.warning("reloaded %d routes and %d upstreams", len(fresh.routes), len(fresh.upstreams))
 
     return on_sighup

@@ -68,7 +68,7 @@ import select
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -92,6 +92,7 @@ from proxy.pipeline.entry import awaits_continue, error_response
 log = logging.getLogger("proxy.connection")
 
 RequestHandlerFn = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+AppHandlerFn = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # llhttp's (and the Python parser's) message when a head has more than ``max_headers`` fields.
 TOO_MANY_HEADERS = "Too many headers received"
@@ -527,9 +528,10 @@ class EdgeRequestHandler(web.RequestHandler):
 _NONE = float("inf")  # no head awaited: never expires
 
 
-def _guard(handler: RequestHandlerFn) -> RequestHandlerFn:
-    """Wrap ``web.Server.request_handler``: tells the connection when a head is complete and
-    when the request is done (the header deadline must not run during a request)."""
+def _guard(handler: AppHandlerFn) -> RequestHandlerFn:
+    """``web.Server.request_handler``: tells the connection when a head is complete and when
+    the request is done (the header deadline must not run during a request). The server's
+    request factory is the application's, so its requests are ``web.Request``."""
 
     async def guarded(request: web.BaseRequest) -> web.StreamResponse:
         protocol = request.protocol
@@ -537,7 +539,7 @@ def _guard(handler: RequestHandlerFn) -> RequestHandlerFn:
         if edge is not None:
             edge.head_received(request)
         try:
-            return await handler(request)
+            return await handler(cast(web.Request, request))
         finally:
             if edge is not None:
                 edge.request_done()
@@ -601,19 +603,24 @@ def _tolerant(factory: RequestFactory) -> RequestFactory:
 
 async def listen(
     runner: web.AppRunner,
+    handler: AppHandlerFn,
     host: str,
     port: int,
     gate: ConnectionGate,
     handler_kwargs: Mapping[str, Any],
     *,
-    backlog: int,
+    backlog: int = 1024,
 ) -> asyncio.AbstractServer:
     """Bind ``host:port`` (SO_REUSEPORT, for --workers) with ``EdgeRequestHandler`` connections
-    served by ``runner``'s application. Close the returned server before ``runner.cleanup()``."""
+    whose every request goes to ``handler``, the application's one handler (``pipeline.plan``),
+    without the application's router in between: no URL is matched, so a request whose target
+    is not a path (``OPTIONS *``, ``CONNECT host:443``) gets the pipeline's own answer too. The
+    runner still runs the application's start-up and cleanup. Close the returned server before
+    ``runner.cleanup()``."""
     server = runner.server
     if server is None:
         raise RuntimeError("runner.setup() must run before listen()")
-    server.request_handler = _guard(server.request_handler)
+    server.request_handler = _guard(handler)
     server.request_factory = _tolerant(server.request_factory)
     loop = asyncio.get_running_loop()
     kwargs = dict(handler_kwargs)

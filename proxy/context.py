@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -40,6 +41,9 @@ class RequestContext:
     continue_sent: bool = False  # "100 Continue" went out (Expect: 100-continue)
     body_refused: bool = False  # the connection refused the body's framing (a 400, not a 499)
     span: Any = None  # the server span when tracing is on
+    audited_at: datetime | None = None  # the audit row's created_at, on an audited route
+    quota_held: tuple[str, str, Any] | None = None  # (tenant, month, reservation) to settle
+    plan: Any = None  # the route's plan (pipeline.plan.RoutePlan), once routed
 
 
 CTX = web.RequestKey("flatrender_ctx", RequestContext)

@@ -8,7 +8,7 @@ A prefix that ends in ``/`` (``/embed/``) matches everything below it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Generic, Protocol, TypeVar
 
 
@@ -33,6 +33,9 @@ class RouteTable(Generic[R]):
 
     def __init__(self, routes: Iterable[R]) -> None:
         self._routes = tuple(sorted(routes, key=lambda r: len(r.prefix), reverse=True))
+
+    def __iter__(self) -> Iterator[R]:
+        return iter(self._routes)
 
     def match(self, path: str) -> R | None:
         for route in self._routes:

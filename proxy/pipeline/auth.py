@@ -11,13 +11,12 @@ then a missing or invalid key, then what the key may not do.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 
-from proxy.context import CTX, RequestContext
+from proxy.context import RequestContext
 from proxy.core.apikeys import (
     ApiKey,
     authorize,
@@ -38,7 +37,10 @@ def auth_stage(
     usage: UsageSink,
     clock: Callable[[], datetime],
     telemetry: Telemetry,
-) -> Middleware:
+) -> Callable[[web.Request, RequestContext], Awaitable[None]]:
+    """The step of a route whose ``auth`` is "api_key" or "optional" (``open_stage`` is the
+    step of one with "none")."""
+
     async def identify(ctx: RequestContext, token: str) -> ApiKey | None:
         """The key row whose prefix and hash match ``token``, made the request's key (and on a
         platform domain its tenant the request's tenant); ``None`` for no such key."""
@@ -57,22 +59,16 @@ def auth_stage(
         ctx.api_key = key
         return key
 
-    @web.middleware
-    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        ctx = request[CTX]
+    async def auth(request: web.Request, ctx: RequestContext) -> None:
         route, host_tenant = ctx.route, ctx.tenant
         assert route is not None and host_tenant is not None  # earlier stages ran
         headers = request.headers
-        token = (
-            None
-            if route.auth == "none"
-            else presented_key(headers.get("Authorization"), headers.get("X-API-Key"))
-        )
+        token = presented_key(headers.get("Authorization"), headers.get("X-API-Key"))
         if token is None:
             check_status(host_tenant, clock())
             if route.auth == "api_key":
                 raise MissingApiKey()
-            return await handler(request)
+            return
         with telemetry.span("edge.auth") as span:
             key = await identify(ctx, token)
             if span is not None and key is not None:  # the key's id, never the key
@@ -92,6 +88,18 @@ def auth_stage(
                 scope=required_scope(route.scopes, request.method),
             )
         usage.record(key.id, now, ctx.client_ip or None)
-        return await handler(request)
 
     return auth
+
+
+def open_stage(
+    clock: Callable[[], datetime],
+) -> Callable[[web.Request, RequestContext], Awaitable[None]]:
+    """The access step of a route with ``auth = "none"``: no key is read, the tenant's status
+    still applies."""
+
+    async def open_access(_request: web.Request, ctx: RequestContext) -> None:
+        assert ctx.tenant is not None  # the tenant stage ran
+        check_status(ctx.tenant, clock())
+
+    return open_access

@@ -4,16 +4,14 @@ upstream; for other requests, the headers an allowed origin gets on every answer
 from __future__ import annotations
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
-from proxy.context import CTX
+from proxy.context import RequestContext
 from proxy.core.cors import actual_headers, preflight_headers
 from proxy.errors import BadRequest, OriginNotAllowed
 
 
-@web.middleware
-async def cors_stage(request: web.Request, handler: Handler) -> web.StreamResponse:
-    ctx = request[CTX]
+def cors_stage(request: web.Request, ctx: RequestContext) -> web.Response | None:
+    """The preflight's answer, or None for a request that goes on."""
     assert ctx.tenant is not None  # the tenant stage ran
     origin = request.headers.get("Origin")
     # Whatever the origin (or its absence), the answer depends on it: caches must key on it.
@@ -31,4 +29,4 @@ async def cors_stage(request: web.Request, handler: Handler) -> web.StreamRespon
         return web.Response(status=204)
     if origin is not None and ctx.tenant.cors.allows(origin):
         ctx.response_headers.update(actual_headers(origin))
-    return await handler(request)
+    return None

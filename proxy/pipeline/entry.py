@@ -1,27 +1,26 @@
-"""Outermost stage: request id, client address, and rendering of every proxy-made error.
+"""Outermost stage: request id, client address, rendering of every proxy-made error, and the
+once-per-request bookkeeping (metrics, access log, span); ``pipeline.plan`` runs it around
+every request.
 
 Errors become the contract's JSON body (CONTRACT §8) here and nowhere else; stages only raise.
-``stamp_response`` runs for every response the app sends (proxy-made or streamed from the
-upstream) and adds the headers stages collected in the context, ``X-Request-Id`` first.
+``stamp_response`` runs for every response the app sends (proxy-made or from the upstream) and
+adds the headers stages collected in the context, ``X-Request-Id`` first.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 
 from aiohttp import web
 from aiohttp.http import HttpVersion11
-from aiohttp.typedefs import Handler, Middleware
 
 from proxy.access_log import AccessLog
-from proxy.context import CTX, UNSERVED_VERSION, RequestContext
+from proxy.context import CTX, RequestContext
 from proxy.core.cors import merge_vary
 from proxy.core.forwarding import IPNetwork, client_address, request_id
 from proxy.errors import (
     BadRequest,
-    HttpVersionNotSupported,
     InternalError,
     PayloadTooLarge,
     ProxyError,
@@ -55,76 +54,25 @@ def as_proxy_error(exc: Exception) -> ProxyError:
     return InternalError()
 
 
-def entry_stage(
-    trusted_proxies: Sequence[IPNetwork], telemetry: Telemetry, access: AccessLog | None
-) -> Middleware:
-    trusted = tuple(trusted_proxies)
-
-    @web.middleware
-    async def entry(request: web.Request, handler: Handler) -> web.StreamResponse:
-        headers = request.headers
-        xff = headers.getall("X-Forwarded-For", None)
-        loop = asyncio.get_running_loop()
-        ctx = RequestContext(
-            request_id=request_id(headers.get("X-Request-Id")), started=loop.time()
-        )
-        ctx.client_ip, ctx.forwarded_for = client_address(
-            request.remote or "", ", ".join(xff) if xff else None, trusted
-        )
-        request[CTX] = ctx
-        status, sent = 500, 0
-        with telemetry.server_span(request.method, headers) as span:
-            ctx.span = span
-            try:
-                response = await _answer(request, handler, ctx)
-                status, sent = response.status, _body_bytes(request.method, response)
-                return response
-            except (asyncio.CancelledError, ConnectionResetError):
-                status = 499
-                raise
-            finally:
-                route = ctx.route.prefix if ctx.route else "none"
-                elapsed = loop.time() - ctx.started
-                telemetry.observe(route, status, elapsed)
-                if access is not None:
-                    access.record(ctx, request.method, status, elapsed, sent)
-                if span is not None:
-                    span.set_attribute("http.response.status_code", status)
-                    span.set_attribute("flatrender.request_id", ctx.request_id)
-                    span.set_attribute("flatrender.route", route)
-                    if ctx.tenant is not None:
-                        span.set_attribute("flatrender.tenant_id", ctx.tenant.id)
-                    if ctx.api_key is not None:
-                        span.set_attribute("flatrender.api_key_id", ctx.api_key.id)
-                    if ctx.limit_decision is not None:
-                        span.set_attribute("flatrender.limiter", ctx.limit_decision)
-
-    return entry
+def new_context(
+    request: web.Request, trusted: Sequence[IPNetwork], started: float
+) -> RequestContext:
+    """The request's context: its id and the client's address (CONTRACT §7)."""
+    headers = request.headers
+    ctx = RequestContext(request_id=request_id(headers.get("X-Request-Id")), started=started)
+    xff = headers.getall("X-Forwarded-For", None)
+    ctx.client_ip, ctx.forwarded_for = client_address(
+        request.remote or "", ", ".join(xff) if xff else None, trusted
+    )
+    request[CTX] = ctx
+    return ctx
 
 
-def _body_bytes(method: str, response: web.StreamResponse) -> int:
-    """Body bytes sent (nginx's ``$body_bytes_sent``). A streamed answer has been written by
-    now; a ``web.Response`` (the proxy's own JSON errors) is written after this stage returns,
-    so its body's length is the figure (none for HEAD, RFC 9110 §9.3.2)."""
-    body = response.body if isinstance(response, web.Response) else None
-    if isinstance(body, bytes) and method != "HEAD":
-        return len(body)
-    return response.body_length
-
-
-async def _answer(
-    request: web.Request, handler: Handler, ctx: RequestContext
-) -> web.StreamResponse:
-    try:
-        if UNSERVED_VERSION in request:
-            raise HttpVersionNotSupported()
-        return await handler(request)
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise
-    except Exception as e:
-        error = as_proxy_error(e)
-        if not isinstance(e, ProxyError | web.HTTPException):
-            log.exception("unhandled error request_id=%s", ctx.request_id)
+def failure_response(exc: Exception, ctx: RequestContext) -> web.Response:
+    """The answer to what a stage raised: its contract error, or a 500 for anything else."""
+    error = as_proxy_error(exc)
+    if not isinstance(exc, ProxyError | web.HTTPException):
+        log.error("unhandled error request_id=%s", ctx.request_id, exc_info=exc)
     ctx.error_code = error.code
     response = error_response(error, ctx.request_id)
     if error.status in (400, 408, 505):
@@ -134,6 +82,43 @@ async def _answer(
         # 505 the rest of the message is in a framing this server does not speak.
         response.force_close()
     return response
+
+
+def finish(
+    request: web.Request,
+    ctx: RequestContext,
+    status: int,
+    sent: int,
+    elapsed: float,
+    telemetry: Telemetry,
+    access: AccessLog | None,
+) -> None:
+    """Metrics, the access-log line and the server span's attributes, once per request."""
+    route = ctx.route.prefix if ctx.route else "none"
+    telemetry.observe(route, status, elapsed)
+    if access is not None:
+        access.record(ctx, request.method, status, elapsed, sent)
+    span = ctx.span
+    if span is not None:
+        span.set_attribute("http.response.status_code", status)
+        span.set_attribute("flatrender.request_id", ctx.request_id)
+        span.set_attribute("flatrender.route", route)
+        if ctx.tenant is not None:
+            span.set_attribute("flatrender.tenant_id", ctx.tenant.id)
+        if ctx.api_key is not None:
+            span.set_attribute("flatrender.api_key_id", ctx.api_key.id)
+        if ctx.limit_decision is not None:
+            span.set_attribute("flatrender.limiter", ctx.limit_decision)
+
+
+def body_bytes(method: str, response: web.StreamResponse) -> int:
+    """Body bytes sent (nginx's ``$body_bytes_sent``). A streamed answer has been written by
+    now; a ``web.Response`` is written after the handler returns, so its body's length is the
+    figure (none for HEAD, RFC 9110 §9.3.2)."""
+    body = response.body if isinstance(response, web.Response) else None
+    if isinstance(body, bytes) and method != "HEAD":
+        return len(body)
+    return response.body_length
 
 
 def awaits_continue(request: web.BaseRequest) -> bool:
@@ -167,18 +152,18 @@ async def expect_handler(request: web.Request) -> None:
     like any other."""
 
 
-async def stamp_response(request: web.BaseRequest, response: web.StreamResponse) -> None:
-    """``on_response_prepare`` hook: headers every answer carries, whoever produced it."""
-    ctx: RequestContext | None = request.get(CTX)
-    if ctx is None:
-        return
+def stamp_response(
+    request: web.BaseRequest, ctx: RequestContext, response: web.StreamResponse
+) -> None:
+    """Headers every answer carries, whoever produced it: called where each answer is built,
+    before its head is written (the proxy's own answers in ``pipeline.plan``, the upstream's
+    in ``pipeline.forward`` and ``pipeline.websocket``)."""
     headers = response.headers
     headers["X-Request-Id"] = ctx.request_id
     if awaits_continue(request) and not ctx.continue_sent:
         # A final answer to a client still waiting to send its body: it may send the body
         # anyway, after its own timeout, so the connection cannot carry another request
-        # (RFC 9110 §10.1.1: the server closes, or reads and discards the body). aiohttp has
-        # derived its Connection header before this hook runs: say it here too.
+        # (RFC 9110 §10.1.1: the server closes, or reads and discards the body).
         response.force_close()
         headers["Connection"] = "close"
     for name, value in ctx.response_headers.items():

@@ -48,7 +48,7 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from proxy.pipeline.entry import send_continue
+from proxy.pipeline.entry import send_continue, stamp_response
 from proxy.pipeline.websocket import is_websocket_upgrade, relay_websocket
 from proxy.telemetry import Telemetry
 from proxy.upstreams import UpstreamPool
@@ -305,15 +305,46 @@ class Forwarder:
     async def _relay(
         self, request: web.Request, upstream: aiohttp.ClientResponse, pool: UpstreamPool
     ) -> web.StreamResponse:
+        ctx = request[CTX]
+        content = upstream.content
+        length = upstream.content_length
+        if (
+            length is not None
+            and length <= WHOLE_BODY_MAX
+            and content.is_eof()
+            and request.method != "HEAD"
+            and upstream.status not in _NO_BODY
+        ):
+            # The whole body came with the head: one web.Response, written with its head in
+            # one write once the handler returns, with no per-chunk machinery. (HEAD, 1xx, 204
+            # and 304 declare a length they never send: RFC 9110 §8.6; upgrades never get
+            # here, pipeline.websocket relays them.)
+            body = _arrived(content)
+            if len(body) == length:
+                whole = web.Response(status=upstream.status, reason=upstream.reason, body=body)
+                _copy_head(upstream, whole)
+                stamp_response(request, ctx, whole)
+                upstream.release()
+                return whole
+            first = body  # shorter than declared: the connection is cut below, as before
+        else:
+            # What arrived with the head, without waiting: sent in the same write as the head,
+            # so a server-sent event the upstream sent at once is not held back by a separate
+            # write, and nothing waits for a chunk that is not there yet.
+            first = _arrived(content)
+        response = _Streamed(status=upstream.status, reason=upstream.reason)
+        _copy_head(upstream, response)
+        if length is not None:
+            response.content_length = length
+        stamp_response(request, ctx, response)
         read_timeout_s = pool.settings.read_timeout_s
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        for name, value in response_headers_to_return(list(upstream.headers.items())):
-            response.headers.add(name, value)
-        if upstream.content_length is not None:
-            response.content_length = upstream.content_length
         try:
             await response.prepare(request)
-            chunks = upstream.content.iter_any()
+            if first:
+                await response.write(first)  # the head goes out with it
+            else:
+                request.writer.send_headers()  # nothing yet: the head alone, at once
+            chunks = content.iter_any()
             while True:
                 # aiohttp's C parser, failing on a response body after good chunks (a bad
                 # chunk size), closes the connection and drops the sock_read timer but never
@@ -349,6 +380,35 @@ class Forwarder:
         upstream.release()
         await response.write_eof()
         return response
+
+
+# Largest body sent as one web.Response when it arrived whole with the head (measured: see the
+# README's performance section).
+WHOLE_BODY_MAX = 64 * 1024
+_NO_BODY = frozenset({100, 101, 102, 103, 204, 304})
+
+
+class _Streamed(web.StreamResponse):
+    """A streamed answer whose head waits for the first body write and goes out with it (one
+    write, as ``web.Response`` does), instead of alone at ``prepare``. aiohttp (3.11+) reads
+    this class attribute in ``StreamResponse._write_headers``; ``_relay`` sends the head at
+    once itself when no body bytes are there yet."""
+
+    _send_headers_immediately = False
+
+
+def _arrived(content: aiohttp.StreamReader) -> bytes:
+    """The body bytes already received, without waiting. A failed body gives none here: the
+    relay's first read raises its error."""
+    try:
+        return content.read_nowait()
+    except aiohttp.ClientError:
+        return b""
+
+
+def _copy_head(upstream: aiohttp.ClientResponse, response: web.StreamResponse) -> None:
+    for name, value in response_headers_to_return(list(upstream.headers.items())):
+        response.headers.add(name, value)
 
 
 def _departure(ctx: RequestContext) -> ProxyError:

@@ -10,9 +10,8 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 
-from proxy.context import CTX, RequestContext
+from proxy.context import RequestContext
 from proxy.core.bucket import ITEM_FIELDS
 from proxy.core.quota import month_id, quota_items, seconds_until_next_month
 from proxy.errors import RenderQuotaExceeded
@@ -24,44 +23,53 @@ def _is_2xx(status: int | None) -> bool:
     return status is not None and 200 <= status < 300
 
 
-def quota_stage(
-    quotas: QuotaStore,
-    clock: Callable[[], datetime],
-    telemetry: Telemetry,
-    limit_headers: Callable[[RequestContext], Awaitable[None]],
-) -> Middleware:
-    """``limit_headers`` adds the rate limit's headers to a refusal without taking a token
+class QuotaStage:
+    """The step of a ``meter = "renders"`` route, and its ``finish`` once the answer is known
+    (the plan's one ``finally``), which keeps or gives back the unit the step took.
+    ``limit_headers`` adds the rate limit's headers to a refusal without taking a token
     (``pipeline.ratelimit.limit_without_a_token``): the answer is keyed like any other."""
 
-    @web.middleware
-    async def quota(request: web.Request, handler: Handler) -> web.StreamResponse:
-        ctx = request[CTX]
-        route, tenant = ctx.route, ctx.tenant
-        assert route is not None and tenant is not None  # earlier stages ran
-        if route.meter is None or request.method != "POST":
-            return await handler(request)
-        now = clock()
+    __slots__ = ("_clock", "_limit_headers", "_quotas", "_telemetry")
+
+    def __init__(
+        self,
+        quotas: QuotaStore,
+        clock: Callable[[], datetime],
+        telemetry: Telemetry,
+        limit_headers: Callable[[RequestContext], Awaitable[None]],
+    ) -> None:
+        self._quotas = quotas
+        self._clock = clock
+        self._telemetry = telemetry
+        self._limit_headers = limit_headers
+
+    async def step(self, request: web.Request, ctx: RequestContext) -> None:
+        tenant = ctx.tenant
+        assert tenant is not None  # earlier stages ran
+        if request.method != "POST":
+            return
+        now = self._clock()
         limit = tenant.monthly_render_qty
         reservation = None
         if limit is not None:
             limit = max(0, limit)  # the column allows a negative figure: it admits none
-            with telemetry.span("edge.quota"):
-                decision = await quotas.reserve(tenant.id, limit, now)
+            with self._telemetry.span("edge.quota"):
+                decision = await self._quotas.reserve(tenant.id, limit, now)
             items = quota_items(limit, decision.left, now)
             ctx.response_headers[ITEM_FIELDS[0]] = items.policy
             ctx.response_headers[ITEM_FIELDS[1]] = items.limit
             if not decision.admitted:
-                await limit_headers(ctx)
+                await self._limit_headers(ctx)
                 retry = str(seconds_until_next_month(now))
                 raise RenderQuotaExceeded(headers={"Retry-After": retry})
             reservation = decision.reservation
-        try:
-            response = await handler(request)
-        finally:
-            # The upstream's 2xx answer began: the render started, even if the client then
-            # left or the body broke off. Anything else gives the unit back.
-            ctx.render_started = _is_2xx(ctx.upstream_status)
-            quotas.settle(tenant.id, month_id(now), reservation, ctx.render_started)
-        return response
+        ctx.quota_held = (tenant.id, month_id(now), reservation)
 
-    return quota
+    def finish(self, ctx: RequestContext) -> None:
+        if ctx.quota_held is None:
+            return  # not a metered POST, or refused before a unit was taken
+        tenant_id, month, reservation = ctx.quota_held
+        # The upstream's 2xx answer began: the render started, even if the client then left
+        # or the body broke off. Anything else gives the unit back.
+        ctx.render_started = _is_2xx(ctx.upstream_status)
+        self._quotas.settle(tenant_id, month, reservation, ctx.render_started)

@@ -8,12 +8,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 
-from proxy.context import CTX, RequestContext
+from proxy.context import RequestContext
 from proxy.core.bucket import ITEM_FIELDS, Decision, limit_headers, nothing_allowed
 from proxy.errors import RateLimited
-from proxy.settings import RatelimitSettings
+from proxy.settings import RatelimitSettings, RouteSettings
 from proxy.stores.base import BucketStore
 from proxy.telemetry import Telemetry
 
@@ -72,15 +71,14 @@ def ratelimit_stage(
     settings: RatelimitSettings,
     counters: LimitCounters,
     telemetry: Telemetry,
-) -> Middleware:
+) -> Callable[[web.Request, RequestContext], Awaitable[None]]:
+    """The step of a route that ``applies_to`` says may be limited."""
     anonymous_rpm = settings.anonymous_rpm
 
-    @web.middleware
-    async def ratelimit(request: web.Request, handler: Handler) -> web.StreamResponse:
-        ctx = request[CTX]
+    async def ratelimit(_request: web.Request, ctx: RequestContext) -> None:
         limit = _bucket_of(ctx, anonymous_rpm)
         if limit is None:
-            return await handler(request)
+            return
         bucket, capacity, policy = limit
         tenant = ctx.tenant
         assert tenant is not None  # the tenant stage ran
@@ -103,6 +101,12 @@ def ratelimit_stage(
         _add_headers(ctx, limit_headers(decision, policy))
         if ctx.limit_decision == "rejected":
             raise RateLimited()
-        return await handler(request)
 
     return ratelimit
+
+
+def applies_to(route: RouteSettings, settings: RatelimitSettings) -> bool:
+    """Whether a request on ``route`` can take a token (``_bucket_of``): one with a key (a
+    route that reads keys), or one without on a route open to anonymous requests when
+    ``anonymous_rpm`` is set."""
+    return route.auth != "none" or settings.anonymous_rpm > 0

@@ -1,28 +1,31 @@
 """Request-target stage (Host and path, CONTRACT §3 and §7), the domain-verification challenge
-(§3), and the route stage (§2, with the embed policy of §4)."""
+(§3), and the route stage (§2, with the embed policy of §4). Steps of the plan
+(``pipeline.plan``): each reads and fills the request's context, and raises to refuse."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 
-from proxy.context import CTX
+from proxy.context import RequestContext
 from proxy.core.cors import frame_ancestors
 from proxy.core.framing import framing_problem
 from proxy.core.hosts import BadHost, is_platform_name, normalize_host
 from proxy.core.paths import BadTarget, split_target
 from proxy.errors import BadRequest, ChallengeNotFound, NoRoute
+from proxy.settings import RouteSettings
 from proxy.stores.base import ChallengeStore
-from proxy.upstreams import Routing
+from proxy.upstreams import UpstreamPool
 
 
-@web.middleware
-async def target_stage(request: web.Request, handler: Handler) -> web.StreamResponse:
+def target_stage(request: web.Request, ctx: RequestContext) -> None:
     """Normalise the Host and resolve the path before anything routes or authenticates."""
-    ctx = request[CTX]
+    if request.method == "CONNECT":
+        # RFC 9110 §9.3.6: a tunnel request, whose target is an authority, never a path; this
+        # is not a tunnel.
+        raise BadRequest("CONNECT is not served")
     # Framing first (RFC 9112 §6): what llhttp accepts but the proxy cannot forward faithfully.
     problem = framing_problem(request.version, request.headers.getall("Transfer-Encoding", ()))
     if problem is not None:
@@ -36,44 +39,41 @@ async def target_stage(request: web.Request, handler: Handler) -> web.StreamResp
         ctx.path, ctx.query = split_target(request.raw_path, hosts[0])
     except (BadHost, BadTarget) as e:
         raise BadRequest(str(e)) from None
-    return await handler(request)
 
 
-def route_stage(routing: Routing) -> Middleware:
-    @web.middleware
-    async def route(request: web.Request, handler: Handler) -> web.StreamResponse:
-        ctx = request[CTX]
-        snapshot = routing.current  # route and pools from one configuration (SIGHUP-safe)
-        ctx.route, ctx.pools = snapshot.table.match(ctx.path), snapshot.pools
-        if ctx.route is None:
-            raise NoRoute()
-        if ctx.route.embed:
-            branding = ctx.tenant.branding if ctx.tenant else None
-            ctx.response_headers["Content-Security-Policy"] = (
-                frame_ancestors(branding.embed_enabled, branding.embed_allowed_hosts)
-                if branding
-                else frame_ancestors(False, ())
-            )
-        return await handler(request)
-
-    return route
+def route_stage(
+    ctx: RequestContext, route: RouteSettings | None, pools: Mapping[str, UpstreamPool]
+) -> None:
+    """The route the plan matched for ``ctx.path``, with the pools of the configuration it
+    came from (one snapshot: SIGHUP-safe); an embed route's framing policy."""
+    if route is None:
+        raise NoRoute()
+    ctx.route, ctx.pools = route, pools
+    if route.embed:
+        branding = ctx.tenant.branding if ctx.tenant else None
+        ctx.response_headers["Content-Security-Policy"] = (
+            frame_ancestors(branding.embed_enabled, branding.embed_allowed_hosts)
+            if branding
+            else frame_ancestors(False, ())
+        )
 
 
 CHALLENGE_PREFIX = "/.well-known/flatrender-challenge/"
 
 
+def is_challenge(request: web.Request, ctx: RequestContext) -> bool:
+    return ctx.path.startswith(CHALLENGE_PREFIX) and request.method in ("GET", "HEAD")
+
+
 def challenge_stage(
     store: ChallengeStore, platform_domains: tuple[str, ...], clock: Callable[[], datetime]
-) -> Middleware:
+) -> Callable[[RequestContext], Awaitable[web.Response]]:
     """Answer custom-domain verification before tenant resolution: it must work while the
     domain is still unverified (which the tenant stage would refuse with 421). Never for a
-    platform name (CONTRACT §3): a tenant must not prove control of a host that is not its."""
+    platform name (CONTRACT §3): a tenant must not prove control of a host that is not its.
+    Runs for the requests ``is_challenge`` picks."""
 
-    @web.middleware
-    async def challenge(request: web.Request, handler: Handler) -> web.StreamResponse:
-        ctx = request[CTX]
-        if not ctx.path.startswith(CHALLENGE_PREFIX) or request.method not in ("GET", "HEAD"):
-            return await handler(request)
+    async def challenge(ctx: RequestContext) -> web.Response:
         token = ctx.path[len(CHALLENGE_PREFIX) :]
         if (
             not token

@@ -7,10 +7,9 @@ the refusal is audited, and on a platform domain the status applied is the key's
 
 from __future__ import annotations
 
-from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
+from collections.abc import Awaitable, Callable
 
-from proxy.context import CTX
+from proxy.context import RequestContext
 from proxy.core.hosts import classify_host
 from proxy.core.tenancy import DEFAULT_TENANT_ID, Tenant
 from proxy.errors import DomainNotVerified, UnknownHost
@@ -45,14 +44,11 @@ async def resolve_tenant(
 
 def tenant_stage(
     store: TenantStore, platform_domains: tuple[str, ...], telemetry: Telemetry
-) -> Middleware:
-    @web.middleware
-    async def tenant(request: web.Request, handler: Handler) -> web.StreamResponse:
-        ctx = request[CTX]
+) -> Callable[[RequestContext], Awaitable[None]]:
+    async def tenant(ctx: RequestContext) -> None:
         with telemetry.span("edge.tenant") as span:
             ctx.tenant, ctx.via_platform = await resolve_tenant(store, ctx.host, platform_domains)
             if span is not None:
                 span.set_attribute("flatrender.tenant_id", ctx.tenant.id)
-        return await handler(request)
 
     return tenant

@@ -14,7 +14,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy.context import CTX
 from proxy.errors import UpstreamTimeout, UpstreamUnavailable
+from proxy.pipeline.entry import stamp_response
 from proxy.upstreams import UpstreamPool
 
 # Handshake headers each hop generates for itself (RFC 6455 §4.1).
@@ -71,6 +73,7 @@ async def relay_websocket(
     client = web.WebSocketResponse(
         protocols=(upstream.protocol,) if upstream.protocol else (), autoping=True
     )
+    stamp_response(request, request[CTX], client)
     try:
         await client.prepare(request)
         tasks = [

@@ -15,14 +15,9 @@ import psutil
 import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from aiohttp.typedefs import Handler
 
-from proxy.pipeline.entry import entry_stage
-from proxy.pipeline.forward import Forwarder
-from proxy.pipeline.routing import route_stage, target_stage
+from proxy.app import PIPELINE, ROUTING, build_app, build_stores
 from proxy.settings import load_settings
-from proxy.telemetry import Telemetry
-from proxy.upstreams import Routing
 from tests.procs import Echo, Proxy, start_proxy, stop, write_config
 
 HOST = "flatrender.test"
@@ -218,8 +213,8 @@ async def test_a_reload_renaming_the_upstream_mid_request_does_not_fail_the_requ
     """CONTRACT §7 / issue 13: a SIGHUP that lands after a request was routed and before it is
     forwarded renames its upstream. The route and its pool come from one snapshot, so the
     request is forwarded on the configuration it was routed with (before: a 500), and the next
-    one on the new configuration. The reload is made to land exactly there by a stage between
-    the route stage and the forwarder."""
+    one on the new configuration. The reload is made to land exactly there by a wrapper around
+    the forwarder, the stage after routing."""
     settings = load_settings({}, str(_config(tmp_path, echo)))
     renamed = load_settings(
         {},
@@ -231,28 +226,20 @@ async def test_a_reload_renaming_the_upstream_mid_request_does_not_fail_the_requ
             )
         ),
     )
-    routing = Routing(settings)
+    app = build_app(settings, build_stores(settings))
+    pipeline, routing = app[PIPELINE], app[ROUTING]
+    forward = pipeline.forward
     reloads = 0
 
-    @web.middleware
-    async def sighup_now(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def sighup_now(request: web.Request) -> web.StreamResponse:
         nonlocal reloads
-        if reloads == 0:
+        if reloads == 0:  # what the SIGHUP handler does (app._reloader)
             routing.reload(renamed, grace_s=60)
+            pipeline.replan()
         reloads += 1
-        return await handler(request)
+        return await forward(request)
 
-    telemetry = Telemetry(settings.telemetry)
-    app = web.Application(
-        middlewares=[
-            entry_stage(settings.server.trusted_proxies, telemetry, None),
-            target_stage,
-            route_stage(routing),
-            sighup_now,
-        ]
-    )
-    forwarder = Forwarder(1 << 20, 5, telemetry, settings.server.trusted_proxies)
-    app.router.add_route("*", "/{tail:.*}", forwarder.handle)
+    pipeline.forward = sighup_now
     try:
         async with TestClient(TestServer(app)) as client:
             for _ in range(2):  # routed before the reload, then after it
