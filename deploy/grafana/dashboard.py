@@ -226,6 +226,33 @@ ROWS: tuple[Row, ...] = (
             ),
         ),
     ),
+    Row(
+        "Custom domains",
+        (
+            Panel(
+                "Domain checks",
+                (
+                    (
+                        rate("edge_domain_checks_total", "method, outcome"),
+                        "{{method}} {{outcome}}",
+                    ),
+                ),
+                "ops",
+                "Checks of pending custom domains (domains add), made by the one checking process.",
+            ),
+            Panel(
+                "Checking process",
+                (
+                    (
+                        f"sum by ({PER_PROCESS}) (edge_domain_verifier_active)",
+                        "{{instance}} {{worker}}",
+                    ),
+                ),
+                "short",
+                "1 in the process that holds the verifier's lock, 0 in the others.",
+            ),
+        ),
+    ),
 )
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}

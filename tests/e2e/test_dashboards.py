@@ -25,6 +25,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.dnsserver import LoopbackDns
 from tests.e2e.support import seeded_database
 from tests.procs import ROOT, Echo, Proxy, free_port, start_proxy, stop, write_config
 from tests.servers import PostgresServer, RedisServer
@@ -198,6 +199,7 @@ def exposition(text: str) -> Exposition:
 @pytest.fixture(scope="module")
 def live_metrics(
     echo: Echo,
+    dns_server: LoopbackDns,
     redis_server: RedisServer,
     postgres_server: PostgresServer,
     tmp_path_factory: pytest.TempPathFactory,
@@ -219,6 +221,7 @@ def live_metrics(
             {"prefix": "/public", "upstream": "render-api", "auth": "none", "audit": True},
             {"prefix": "/dead", "upstream": "dead", "auth": "none"},
         ],
+        domains={"verify": True, "nameservers": [dns_server.address]},
     )
     proxy = start_proxy(
         config,

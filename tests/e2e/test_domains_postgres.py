@@ -428,3 +428,38 @@ async def test_check_errors_are_one_line(proxy: Proxy, dsn: str) -> None:
     for code, out, err in results:
         assert (code, out) == (2, [])
         assert err.count("\n") == 1 and "Traceback" not in err, err
+
+
+async def test_domains_check_makes_one_pass_over_the_rows_that_are_due(
+    migrated_dsn: str, echo: Echo, dns_server: LoopbackDns, tmp_path: Path
+) -> None:
+    """No proxy runs on this database: the command is the only checker, and what it prints is
+    exactly the schedule's due rows."""
+    config = _config(tmp_path, echo, dns_server, free_port())
+    env = {"DATABASE_URL": migrated_dsn, "EDGE_CONFIG": str(config)}
+    db = await asyncpg.connect(migrated_dsn)
+    try:
+        await _seed(db)
+        _, slug = await _tenant(db)
+        domain = _domain()
+        code, added, err = await _cli_env(
+            env, "domains", "add", "--tenant", slug, "--domain", domain, "--method", "dns"
+        )
+        assert code == 0, err
+        code, out, err = await _cli_env(env, "domains", "check")
+        assert code == 0, err
+        assert out == [
+            {
+                "id": added[0]["id"],
+                "domain": domain,
+                "method": "DNS_TXT",
+                "verified": False,
+                "error": "dns_nxdomain",
+            }
+        ]
+        # Checked once: due again in 60 s, so a second pass now has nothing to do.
+        code, out, err = await _cli_env(env, "domains", "check")
+        assert (code, out, err) == (0, [], "")
+        assert dns_server.count(f"_flatrender-challenge.{domain}", "TXT") == 1
+    finally:
+        await db.close()
