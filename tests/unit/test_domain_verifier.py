@@ -37,6 +37,8 @@ class FakeChecker:
 
     async def check(self, method: str, domain: str, token: str) -> Outcome:
         self.asked.append((method, domain, token))
+        if domain.startswith("poison"):
+            raise ValueError("a bug in a check")
         return Outcome(True) if domain in self.passing else Outcome(False, "token_mismatch")
 
 
@@ -107,3 +109,18 @@ async def test_one_domain_on_demand_and_nothing_due() -> None:
     assert await _pass(store, FakeChecker(set()), domain="shop.acme.test") == []
     assert store.claims == [(NOW, NOW + timedelta(seconds=60), "shop.acme.test")]
     assert store.recorded == []
+
+
+async def test_a_check_that_raises_fails_its_row_and_the_rest_are_recorded() -> None:
+    store = FakeStore(
+        [
+            DueCheck("1", "t1", "poison.example", "HTTP_FILE", "tok"),
+            DueCheck("2", "t2", "shop.acme.test", "HTTP_FILE", "tok"),
+        ]
+    )
+    reports = await _pass(store, FakeChecker({"shop.acme.test"}))
+    assert [(r.id, r.verified, r.error) for r in reports] == [
+        ("1", False, "check_failed"),
+        ("2", True, None),
+    ]
+    assert store.recorded == [("1", False, NOW), ("2", True, NOW)]
