@@ -352,6 +352,30 @@ async def test_headers_follow_the_keys_and_a_refusal_spends_no_token(
     assert (await call(http, proxies[1], tenant, method="GET")).code == "rate_limited"
 
 
+async def test_a_rate_limit_refusal_gives_the_unit_back(
+    http: aiohttp.ClientSession, proxies: list[Proxy], db: asyncpg.Pool
+) -> None:
+    tenant = await new_tenant(db, 5, rpm=1)
+    assert (await call(http, proxies[1], tenant)).status == 200  # the key's only token
+    limited = await call(http, proxies[1], tenant)
+    assert limited.code == "rate_limited"
+    # Another key of the same tenant: of 5, one render started and this one in flight.
+    other = await create_key(
+        db,
+        tenant_slug=tenant.slug,
+        name="second",
+        environment="live",
+        scopes=["*"],
+        rpm=1000,
+        allowed_ips=None,
+        expires_at=None,
+    )
+    second = Tenant(tenant.id, tenant.slug, other.key)
+    answer = await call(http, proxies[0], second)
+    assert answer.status == 200
+    assert answer.headers["RateLimit"].split(", ")[1].startswith('"renders";r=3;')
+
+
 async def test_a_flushed_redis_rebuilds_the_count_from_renders_started(
     http: aiohttp.ClientSession, proxies: list[Proxy], db: asyncpg.Pool, redis: RedisServer
 ) -> None:
