@@ -6,7 +6,7 @@ misses spend the budget. A load that finds no token joins a queue, first come fi
 and is handed a token as one is given back or refills; one timer serves the whole queue, so a
 flood of waiters costs one wake-up per token, not one per waiter. A waiter not served within
 ``timeout_s`` (``tenancy.store_timeout_s``) is refused: 503 ``tenant_store_unavailable`` with
-``Retry-After: 1``.
+``Retry-After: 1``; the query then has what is left of that time.
 """
 
 from __future__ import annotations
@@ -39,11 +39,16 @@ class BudgetedLoads:
 
     def wrap(self, load: Callable[[str], Awaitable[_V]]) -> Callable[[str], Awaitable[_V]]:
         async def budgeted(key: str) -> _V:
+            started = self._clock()
             await self._take()
             try:
-                value = await load(key)
-            except BaseException:
+                # Time spent queueing counts against the same store_timeout_s.
+                async with asyncio.timeout(self._timeout - (self._clock() - started)):
+                    value = await load(key)
+            except BaseException as e:
                 self._give_back()  # it never learnt whether the name exists
+                if isinstance(e, TimeoutError):
+                    raise TenantStoreUnavailable() from None
                 raise
             if value:
                 self._give_back()

@@ -23,6 +23,7 @@ import asyncpg
 import pytest
 
 from tests.e2e.support import add_tenant, seeded_database, statement_calls, within
+from tests.faults.support import metric
 from tests.procs import Echo, Proxy, start_proxy, stop, write_config
 from tests.servers import PostgresServer
 
@@ -278,19 +279,22 @@ async def test_a_flood_of_unknown_names_costs_at_most_the_budget(
     results = await flooding
     elapsed = time.monotonic() - started
 
-    refused = [r for r in results if r[0] == 503]
-    assert all(r[1:] == ("tenant_store_unavailable", "1") for r in refused)
-    assert refused, "the flood stayed within the budget: nothing was tested"
     assert {r[:2] for r in results} <= {
         (404, "unknown_host"),
         (401, "invalid_api_key"),
         (503, "tenant_store_unavailable"),
     }
+    # Refused by the budget: Retry-After: 1. (A 503 without it is a query that ran out of
+    # store_timeout_s on a loaded machine: an outage answer, allowed, and not counted below.)
+    by_budget = [r for r in results if r == (503, "tenant_store_unavailable", "1")]
+    assert by_budget, "the flood stayed within the budget: nothing was tested"
     assert answered >= len(known)
-    # Postgres saw at most the burst plus the rate over the flood's duration.
+    # Postgres saw at most the burst plus the rate over the flood's duration...
     queries = await _lookups(db)
     assert queries <= BUDGET + BUDGET * elapsed + 1, (queries, elapsed)
-    assert queries + len(refused) == len(results)  # each either asked once or refused
+    # ...and every 404/401 was a query that completed.
+    assert queries >= sum(1 for r in results if r[0] != 503)
+    assert metric(proxy.admin_port, "edge_miss_budget_refusals_total") == len(by_budget)
 
 
 async def test_existing_tenants_are_never_refused_on_a_cold_cache(

@@ -115,3 +115,13 @@ async def test_a_waiter_that_gives_up_does_not_keep_a_token() -> None:
     assert await staying == "ACME"
     assert leaving.cancelled()
     assert store.calls == ["acme", "acme"]
+
+
+async def test_queueing_and_querying_share_one_timeout() -> None:
+    store = Store(set(), gated=True)  # a store that never answers
+    loads = BudgetedLoads(per_s=1, timeout_s=0.05)
+    budgeted = loads.wrap(store.load)
+    with pytest.raises(TenantStoreUnavailable) as failed:
+        await budgeted("x")
+    assert failed.value.headers == {}  # an outage, not the budget
+    assert loads.budget.try_take(time.monotonic())  # its token was given back
