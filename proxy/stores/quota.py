@@ -5,12 +5,13 @@ the answer is known (kept when the upstream answered 2xx, given back otherwise).
   by a Lua script on two keys that share the tenant's hash tag (Redis Cluster spec), so that one
   node decides it atomically: the month's count, and the reservations in flight as a sorted set
   scored by their expiry on Redis's clock. The decisions of one event-loop turn share one
-  script call (per tenant in cluster mode), as the limiter's checks do. A process that dies holding reservations loses them
-  after ``ratelimit.quota_lease_s`` (they are swept at each decision), and the count expires
-  after its month. A missing count (a flushed or failed-over Redis) is rebuilt from the month's
-  ``renders_started`` in Postgres. Redis unreachable: ``failure_mode = "open"`` admits this
-  process's share of the last known remainder (``core.quota.outage_share``), and the units it
-  kept are added to the count when Redis answers again; ``"closed"`` answers 503.
+  script call (per tenant in cluster mode), as the limiter's checks do. A process that dies
+  holding reservations loses them after ``ratelimit.quota_lease_s`` (they are swept at each
+  decision), and the count expires after its month. A missing count (a flushed or failed-over
+  Redis) is rebuilt from the month's ``renders_started`` in Postgres. Redis unreachable:
+  ``failure_mode = "open"`` admits this process's share of the last known remainder
+  (``core.quota.outage_share``), and the units it kept are added to the count when Redis
+  answers again; ``"closed"`` answers 503.
 - ``MemoryQuotaStore`` (no ``REDIS_URL``) applies the same rule in process.
 """
 
@@ -145,23 +146,41 @@ async def no_history(_tenant_id: str, _month: date) -> int:
     return 0
 
 
+class _Rebuilds:
+    """One query of the month's renders per tenant however many requests wait for it."""
+
+    def __init__(self, source: RebuildSource, counters: QuotaCounters) -> None:
+        self._source = source
+        self._counters = counters
+        self._loading: dict[tuple[str, date], asyncio.Future[int]] = {}
+
+    async def count(self, tenant_id: str, now: datetime) -> int:
+        key = (tenant_id, first_day(now))
+        loading = self._loading.get(key)
+        if loading is None:
+            loading = asyncio.ensure_future(self._source(*key))
+            self._loading[key] = loading
+            loading.add_done_callback(lambda _: self._loading.pop(key, None))
+            self._counters.rebuilds += 1
+        return await asyncio.shield(loading)
+
+
 class MemoryQuotaStore:
     """In process: exact for this process only."""
 
     def __init__(self, rebuild: RebuildSource = no_history) -> None:
-        self._rebuild = rebuild
         self._month = ""
         self._counts: dict[str, int] = {}
         self._held: dict[str, int] = {}
-        self._loading: dict[str, asyncio.Future[int]] = {}
         self.counters = QuotaCounters()
+        self._rebuilds = _Rebuilds(rebuild, self.counters)
 
     async def reserve(self, tenant_id: str, quota: int, now: datetime) -> QuotaDecision:
         month = month_id(now)
         if month != self._month:  # a new month starts from nothing
-            self._month, self._counts, self._held, self._loading = month, {}, {}, {}
+            self._month, self._counts, self._held = month, {}, {}
         if tenant_id not in self._counts:
-            count = await self._load(tenant_id, now)
+            count = await self._rebuilds.count(tenant_id, now)
             if self._month != month:
                 return await self.reserve(tenant_id, quota, now)
             self._counts.setdefault(tenant_id, count)
@@ -173,16 +192,6 @@ class MemoryQuotaStore:
         self.counters.admitted += 1
         reservation = Reservation(tenant_id, month, 0, 0)
         return QuotaDecision(True, remaining(quota, count, held + 1), reservation)
-
-    async def _load(self, tenant_id: str, now: datetime) -> int:
-        """One rebuild per tenant and month however many requests wait for it."""
-        loading = self._loading.get(tenant_id)
-        if loading is None:
-            loading = asyncio.ensure_future(self._rebuild(tenant_id, first_day(now)))
-            self._loading[tenant_id] = loading
-            loading.add_done_callback(lambda f: self._loading.pop(tenant_id, None))
-            self.counters.rebuilds += 1
-        return await asyncio.shield(loading)
 
     def settle(
         self, tenant_id: str, month: str, reservation: Reservation | None, started: bool
@@ -225,7 +234,6 @@ class RedisQuotaStore:
     ) -> None:
         self._client = client
         self._cluster = cluster
-        self._rebuild = rebuild
         self._deadline = deadline_s
         self._fail_open = failure_mode == "open"
         self._instances = expected_instances
@@ -250,6 +258,7 @@ class RedisQuotaStore:
         self._outage_used: dict[str, int] = {}
         self._outage_kept: dict[tuple[str, str], int] = {}
         self.counters = QuotaCounters()
+        self._rebuilds = _Rebuilds(rebuild, self.counters)
 
     @property
     def healthy(self) -> bool:
@@ -276,8 +285,7 @@ class RedisQuotaStore:
         try:
             admitted, count, held = await self._submit(tenant_id, keys, args)
             if admitted == NO_COUNT:
-                self.counters.rebuilds += 1
-                args[5] = await self._rebuild(tenant_id, first_day(now))
+                args[5] = await self._rebuilds.count(tenant_id, now)
                 admitted, count, held = await self._submit(tenant_id, keys, args[:])
         except ProxyError:  # Postgres could not say what the month's count is
             return await self._degraded(tenant_id, quota, now)
@@ -363,7 +371,7 @@ class RedisQuotaStore:
         if last is None or last[0] != month:
             # Never seen this month: Postgres's count is the best base there is.
             try:
-                used = await self._rebuild(tenant_id, first_day(now))
+                used = await self._rebuilds.count(tenant_id, now)
             except ProxyError:
                 used = quota  # nothing known: admit none rather than guess
             last = self._last_used[tenant_id] = (month, used)

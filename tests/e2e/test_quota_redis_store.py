@@ -4,6 +4,7 @@ kept meanwhile, and Redis Cluster."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -244,3 +245,16 @@ def test_a_proxy_in_closed_mode_refuses_metered_posts_while_redis_is_down(
         assert orjson.loads(body)["error"]["code"] == "rate_limiter_unavailable"
     finally:
         stop(proxy.proc)
+
+
+async def test_a_missing_count_is_rebuilt_once_for_a_burst(own_redis: RedisServer) -> None:
+    now = datetime.now(UTC)
+    history = History(3)
+    quotas = store(own_redis, history, failure_mode="closed")
+    await quotas.start()
+    try:
+        decisions = await asyncio.gather(*(quotas.reserve(TENANT, 10, now) for _ in range(20)))
+        assert sum(d.admitted for d in decisions) == 7
+        assert history.asked == 1
+    finally:
+        await quotas.close()
