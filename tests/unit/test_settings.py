@@ -78,7 +78,7 @@ def test_shipped_config_loads() -> None:
     by_prefix = {r.prefix: r for r in s.routes}
     assert set(by_prefix) == {"/v1/renders", "/embed/", "/public"}
     renders = by_prefix["/v1/renders"]
-    assert renders.auth == "api_key" and renders.audit
+    assert renders.auth == "api_key" and renders.audit and renders.meter == "renders"
     assert dict(renders.scopes) == {
         "GET": "renders:read",
         "POST": "renders:create",
