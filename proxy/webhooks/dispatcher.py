@@ -16,7 +16,6 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -251,7 +250,6 @@ class Dispatcher(Job):
             # receiver's token.
             self._access_log.write(
                 {
-                    "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
                     "kind": "webhook_attempt",
                     "delivery_id": claim.id,
                     "webhook_id": claim.webhook_id,

@@ -412,6 +412,7 @@ async def test_metrics_spans_and_one_log_line_per_attempt(
         ("webhook_attempt", 2, 200, None),
     ]
     assert lines[0]["event_id"] == event_id and lines[0]["webhook_id"] == hook
+    assert lines[0]["time"].endswith("+00:00")  # the access log's own time stamp
     raw = stream.getvalue()
     secret_key = base64.b64decode(SECRET.removeprefix("whsec_"))
     for secret in (SECRET.encode(), secret_key, b"customer_email", b"answer 500", b"/hook"):
