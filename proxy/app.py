@@ -36,7 +36,7 @@ from proxy.pipeline.plan import Pipeline, Planner
 from proxy.pipeline.quota import QuotaStage
 from proxy.pipeline.ratelimit import LimitCounters, limit_without_a_token, ratelimit_stage
 from proxy.pipeline.routing import challenge_stage
-from proxy.pipeline.tenant import tenant_stage
+from proxy.pipeline.tenant import TenantStage
 from proxy.settings import ConfigError, Settings
 from proxy.stores.base import (
     AuditSink,
@@ -357,7 +357,7 @@ def build_app(
         audit=audit,
         trusted_proxies=settings.server.trusted_proxies,
         challenge=challenge_stage(stores.challenges, platform_domains, clock),
-        tenant=tenant_stage(stores.tenants, platform_domains, telemetry),
+        tenant=TenantStage(stores.tenants, platform_domains, telemetry),
         forward=forwarder.handle,
         telemetry=telemetry,
         access=access,

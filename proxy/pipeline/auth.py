@@ -27,7 +27,7 @@ from proxy.core.apikeys import (
 )
 from proxy.core.tenancy import check_status
 from proxy.errors import InvalidApiKey, MissingApiKey
-from proxy.stores.base import KeyStore, TenantStore, UsageSink
+from proxy.stores.base import KeyStore, Missing, TenantStore, UsageSink
 from proxy.telemetry import Telemetry
 
 
@@ -47,7 +47,10 @@ def auth_stage(
         parsed = parse_key(token)
         if parsed is None:
             return None
-        key = find_match(parsed.hash, await keys.by_prefix(parsed.prefix))
+        rows = keys.cached_keys(parsed.prefix)
+        if isinstance(rows, Missing):  # only a cache miss waits
+            rows = await keys.by_prefix(parsed.prefix)
+        key = find_match(parsed.hash, rows)
         if key is None:
             return None
         assert ctx.tenant is not None  # the tenant stage ran

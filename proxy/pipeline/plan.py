@@ -45,6 +45,7 @@ from proxy.pipeline.entry import (
 from proxy.pipeline.quota import QuotaStage
 from proxy.pipeline.ratelimit import applies_to as limits_apply
 from proxy.pipeline.routing import is_challenge, route_stage, target_stage
+from proxy.pipeline.tenant import TenantStage
 from proxy.settings import RatelimitSettings, RouteSettings
 from proxy.telemetry import Telemetry
 from proxy.upstreams import Routing, RoutingSnapshot
@@ -109,7 +110,7 @@ class Pipeline:
         audit: AuditStage | None,
         trusted_proxies: Sequence[IPNetwork],
         challenge: Callable[[RequestContext], Awaitable[web.Response]],
-        tenant: Callable[[RequestContext], Awaitable[None]],
+        tenant: TenantStage,
         forward: Callable[[web.Request], Awaitable[web.StreamResponse]],
         telemetry: Telemetry,
         access: AccessLog | None,
@@ -170,7 +171,8 @@ class Pipeline:
             answer = await self._challenge(ctx)
             stamp_response(request, ctx, answer)
             return answer
-        await self._tenant(ctx)
+        if not self._tenant.known(ctx):  # a cache hit is answered without an await
+            await self._tenant.load(ctx)
         preflight = cors_stage(request, ctx)
         if preflight is not None:
             stamp_response(request, ctx, preflight)

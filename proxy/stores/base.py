@@ -5,9 +5,10 @@ Implementations map their own exceptions to ``proxy.errors`` at this boundary.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from proxy.audit.record import AuditRecord
 from proxy.core.apikeys import ApiKey
@@ -18,7 +19,22 @@ if TYPE_CHECKING:
     from proxy.stores.quota import QuotaCounters, QuotaDecision, Reservation
 
 
+class Missing(enum.Enum):
+    """What a store's ``cached_*`` answers when the answer needs a load: the caller awaits the
+    async lookup then. A cache hit costs no coroutine and no await."""
+
+    MISSING = enum.auto()
+
+
+MISSING = Missing.MISSING
+TenantKind = Literal["domain", "slug", "id"]
+
+
 class TenantStore(Protocol):
+    def cached_tenant(self, kind: TenantKind, value: str) -> Tenant | Missing | None:
+        """The answer ``by_custom_domain`` ("domain"), ``by_slug`` ("slug") or ``by_id``
+        ("id") would give, if it is at hand without waiting; else ``MISSING``."""
+
     async def by_custom_domain(self, host: str) -> Tenant | None:
         """The live (not deleted) tenant whose ``custom_domain`` is ``host``, verified or not."""
 
@@ -35,6 +51,9 @@ class ChallengeStore(Protocol):
 
 
 class KeyStore(Protocol):
+    def cached_keys(self, prefix: str) -> Sequence[ApiKey] | Missing:
+        """What ``by_prefix`` would answer, if it is at hand without waiting; else ``MISSING``."""
+
     async def by_prefix(self, prefix: str) -> Sequence[ApiKey]:
         """Every key row whose ``key_prefix`` is ``prefix`` (active or not: the stage decides)."""
 

@@ -36,6 +36,7 @@ from cachetools import TTLCache
 
 from proxy.core.backoff import backoff_s
 from proxy.errors import TenantStoreUnavailable
+from proxy.stores.base import MISSING, Missing
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -94,17 +95,25 @@ class LoadingCache(Generic[K, V]):
         entry = self._hits.get(key)
         return entry if entry is not None else self._misses.get(key)
 
-    async def get(self, key: K) -> V:
+    def cached(self, key: K) -> V | Missing:
+        """``get``'s answer when it needs no waiting (an entry, fresh or stale: a stale one
+        starts its refresh in the background), else ``MISSING``."""
         entry = self._find(key)
-        if entry is not None:
-            now = self._clock()
-            if now - entry.loaded_at < self._ttl:
-                self.hits += 1
-            else:
-                self.stale_served += 1
-                if now >= entry.retry_at and key not in self._inflight:
-                    self._start_load(key)
-            return entry.value
+        if entry is None:
+            return MISSING
+        now = self._clock()
+        if now - entry.loaded_at < self._ttl:
+            self.hits += 1
+        else:
+            self.stale_served += 1
+            if now >= entry.retry_at and key not in self._inflight:
+                self._start_load(key)
+        return entry.value
+
+    async def get(self, key: K) -> V:
+        value = self.cached(key)
+        if not isinstance(value, Missing):
+            return value
         pending = self._inflight.get(key)
         if pending is None:
             self.misses += 1

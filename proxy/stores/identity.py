@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from proxy.core.apikeys import ApiKey
 from proxy.core.tenancy import Tenant
+from proxy.stores.base import Missing, TenantKind
 from proxy.stores.cached import LoadingCache
 from proxy.stores.miss_budget import BudgetedLoads
 from proxy.stores.postgres import ChangeListener, PostgresStore
@@ -73,6 +74,9 @@ class CachedIdentityStore:
         return await self.db.tenant_by_id(value)
 
     # -- TenantStore
+    def cached_tenant(self, kind: TenantKind, value: str) -> Tenant | Missing | None:
+        return self.tenants.cached((kind, value.lower() if kind == "slug" else value))
+
     async def by_custom_domain(self, host: str) -> Tenant | None:
         return await self.tenants.get(("domain", host))
 
@@ -83,6 +87,9 @@ class CachedIdentityStore:
         return await self.tenants.get(("id", tenant_id))
 
     # -- KeyStore
+    def cached_keys(self, prefix: str) -> Sequence[ApiKey] | Missing:
+        return self.keys.cached(prefix)
+
     async def by_prefix(self, prefix: str) -> Sequence[ApiKey]:
         return await self.keys.get(prefix)
 

@@ -17,6 +17,7 @@ from typing import Any
 from proxy.core.apikeys import PREFIX_LEN, ApiKey
 from proxy.core.tenancy import Branding, Tenant
 from proxy.settings import ConfigError
+from proxy.stores.base import TenantKind
 
 _STATUSES = ("Active", "Trial", "Suspended", "Cancelled")
 
@@ -38,6 +39,13 @@ class MemoryTenantStore:
             t.custom_domain.lower(): t for t in self._by_id.values() if t.custom_domain
         }
 
+    def cached_tenant(self, kind: TenantKind, value: str) -> Tenant | None:
+        if kind == "domain":
+            return self._by_domain.get(value)
+        if kind == "slug":
+            return self._by_slug.get(value.lower())
+        return self._by_id.get(value)
+
     async def by_custom_domain(self, host: str) -> Tenant | None:
         return self._by_domain.get(host)
 
@@ -56,6 +64,9 @@ class MemoryKeyStore:
         self._by_prefix: dict[str, list[ApiKey]] = {}
         for key in keys:
             self._by_prefix.setdefault(key.key_prefix, []).append(key)
+
+    def cached_keys(self, prefix: str) -> Sequence[ApiKey]:
+        return self._by_prefix.get(prefix, ())
 
     async def by_prefix(self, prefix: str) -> Sequence[ApiKey]:
         return self._by_prefix.get(prefix, ())

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from proxy.errors import TenantStoreUnavailable
+from proxy.stores.base import MISSING
 from proxy.stores.cached import LoadingCache
 
 TTL = 30.0
@@ -393,3 +394,18 @@ async def test_maxsize_bounds_the_cache() -> None:
     assert len(loader.calls) == calls
     assert await cache.get("0") == "v0"  # the oldest was evicted
     assert len(loader.calls) == calls + 1
+
+
+async def test_cached_answers_without_waiting_and_says_when_a_load_is_needed() -> None:
+    clock = Clock()
+    loader = Loader({"a": "A"})
+    cache = make(loader, clock)
+    assert cache.cached("a") is MISSING and loader.calls == []  # never starts a load itself
+    assert await cache.get("a") == "A"
+    assert cache.cached("a") == "A"  # a plain call: no coroutine, nothing to await
+    assert cache.cached("nothing") is MISSING
+    assert (cache.hits, cache.misses) == (1, 1)
+    clock.now += TTL + 1  # stale: still answered at once, its refresh in the background
+    assert cache.cached("a") == "A"
+    await until(lambda: loader.calls == ["a", "a"])
+    assert cache.stale_served == 1
