@@ -309,34 +309,43 @@ async def test_a_name_is_connected_to_at_the_address_checked(
 
 async def test_a_black_hole_delays_only_itself(db: asyncpg.Connection, migrated_dsn: str) -> None:
     slow_tenant, tenant = await new_tenant(db), await new_tenant(db)
-    async with receiving(hang=True) as hole, receiving() as r:
+    # The dispatcher outlives the receivers (contexts exit last to first): closing the black
+    # hole ends its attempts, so the dispatcher's stop does not wait out their timeout.
+    async with (
+        dispatching(migrated_dsn, timeout_s=5, lease_s=6, poll_s=30) as jobs,
+        receiving(hang=True) as hole,
+        receiving() as r,
+    ):
         await add_webhook(db, slow_tenant, hole.url())
         await add_webhook(db, tenant, r.url())
-        for _ in range(20):
-            await publish(db, slow_tenant)
-        async with dispatching(migrated_dsn, timeout_s=5, lease_s=6, poll_s=30) as jobs:
-            # The black hole holds its four slots (max_in_flight_per_webhook) and no more.
-            await within(5, holds(lambda: len(hole.received) == 4))
-            await within(5, holds(lambda: jobs.listening))
-            started = time.monotonic()
-            event_id = await publish(db, tenant)
-            await within(5, holds(lambda: bool(r.received)))
-            assert r.received[0].at - started < 1.0
-            assert r.ids() == [event_id]
-            assert len(hole.received) == 4
+        async with db.transaction():
+            for _ in range(20):
+                await publish(db, slow_tenant)
+        # The black hole holds its four slots (max_in_flight_per_webhook) and no more.
+        await within(5, holds(lambda: len(hole.received) == 4))
+        await within(5, holds(lambda: jobs.listening))
+        started = time.monotonic()
+        event_id = await publish(db, tenant)
+        await within(5, holds(lambda: bool(r.received)))
+        assert r.received[0].at - started < 1.0
+        assert r.ids() == [event_id]
+        assert len(hole.received) == 4
 
 
 async def test_max_in_flight_caps_the_process(db: asyncpg.Connection, dsn: str) -> None:
     tenant = await new_tenant(db)
-    async with receiving(hang=True) as hole:
+    async with (
+        dispatching(dsn, timeout_s=5, lease_s=6, max_in_flight=3),
+        receiving(hang=True) as hole,
+    ):
         for path in ("/a", "/b"):
             await add_webhook(db, tenant, hole.url(path))
-        for _ in range(5):
-            await publish(db, tenant)
-        async with dispatching(dsn, timeout_s=5, lease_s=6, max_in_flight=3):
-            await within(5, holds(lambda: len(hole.received) == 3))
-            await asyncio.sleep(0.3)  # a fourth attempt would have arrived by now
-            assert len(hole.received) == 3  # 10 due, 4 per webhook allowed, 3 in all
+        async with db.transaction():
+            for _ in range(5):
+                await publish(db, tenant)
+        await within(5, holds(lambda: len(hole.received) == 3))
+        await asyncio.sleep(0.3)  # a fourth attempt would have arrived by now
+        assert len(hole.received) == 3  # 10 due, 4 per webhook allowed, 3 in all
 
 
 async def test_replay(db: asyncpg.Connection, migrated_dsn: str) -> None:
