@@ -183,6 +183,8 @@ async def test_a_verified_custom_domain_is_served_over_https(caddy: Caddy) -> No
     status, seen = await https_get(caddy, VERIFIED)
     assert status == 200
     assert seen["x-forwarded-host"] == VERIFIED
+    # Caddy's X-Forwarded-Proto, believed because Caddy's address is in trusted_proxies.
+    assert seen["x-forwarded-proto"] == "https"
 
 
 @pytest.mark.parametrize(
