@@ -317,7 +317,7 @@ def build_stores(settings: Settings) -> Stores:
         timeout_s=t.store_timeout_s,
         max_miss_lookups_per_s=t.max_miss_lookups_per_s,
     )
-    usage = UsageRecorder(identity.db.write_usage, settings.audit.flush_interval_ms / 1000)
+    usage = UsageRecorder(identity.db.write_usage, settings.audit.usage_flush_interval_s)
     audit_db = PostgresAuditSink(settings.database_url, settings.audit)
     quotas = build_quotas(settings, identity.db.renders_in_month)
     return Stores(identity, identity, identity, buckets, audit_db, usage, identity, quotas=quotas)

@@ -128,6 +128,9 @@ class AuditSettings:
     write_timeout_s: float = 5.0
     # SIGTERM: time to write what is queued before spooling the rest instead.
     drain_timeout_s: float = 5.0
+    # Key usage (usage_count, last_used_*) is written at most once per key this often: one
+    # row update per active key per interval, whatever the request rate (CONTRACT §5).
+    usage_flush_interval_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -489,6 +492,7 @@ def _audit(t: _Table, base: Path) -> AuditSettings:
         spool_max_bytes=t.positive_int("spool_max_bytes", d.spool_max_bytes),
         write_timeout_s=t.positive("write_timeout_s", d.write_timeout_s),
         drain_timeout_s=t.positive("drain_timeout_s", d.drain_timeout_s),
+        usage_flush_interval_s=t.positive("usage_flush_interval_s", d.usage_flush_interval_s),
     )
     if s.buffer_max_rows < s.batch_max_rows:
         # The buffer must hold at least one full batch, or every batch would spill unwritten.

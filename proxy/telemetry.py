@@ -57,6 +57,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from proxy.core.tracecontext import child_traceparent
+from proxy.gcpauses import GcPauses
 from proxy.settings import TelemetrySettings
 
 _NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
@@ -116,6 +117,9 @@ class Telemetry:
         # Collections per generation (python_gc_*): a full collection is a pause for every
         # request in flight, and app.freeze_startup_objects exists to keep them short.
         GCCollector(registry=self.registry)
+        self.gc_pauses = GcPauses()
+        self.gc_pauses.install()
+        self.collect_from(self.gc_pauses.collect)
         self.collect_from(_process_figures)
         self._requests = Counter(
             "edge_requests",
@@ -223,6 +227,7 @@ class Telemetry:
         return generate_latest(self.registry)
 
     def shutdown(self) -> None:
+        self.gc_pauses.uninstall()
         if self._provider is not None:
             self._provider.shutdown()
 

@@ -128,15 +128,28 @@ def _key(row: asyncpg.Record) -> ApiKey:
     )
 
 
-async def create_pool(dsn: str, *, timeout_s: float, max_size: int) -> asyncpg.Pool:
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """Release without a reset query. asyncpg still rolls back a transaction left open (locally
+    decided, and only then a ROLLBACK is sent)."""
+
+
+async def create_pool(
+    dsn: str, *, timeout_s: float, max_size: int, reset_on_release: bool = True
+) -> asyncpg.Pool:
     """A pool that starts with no connection (``min_size=0``): the proxy starts, and serves
-    what it can, while the database is still unreachable."""
+    what it can, while the database is still unreachable.
+
+    ``reset_on_release=False`` for a pool whose users never change session state (no ``SET``,
+    ``LISTEN``, advisory locks or cursors outside a transaction): asyncpg's default reset
+    (``RESET ALL``, ``UNLISTEN *``, ``pg_advisory_unlock_all()``...) is then a second round trip
+    and a second transaction for every lookup."""
     pool: asyncpg.Pool = await asyncpg.create_pool(
         dsn,
         min_size=0,
         max_size=max_size,
         timeout=timeout_s,  # connect timeout of each new connection
         command_timeout=timeout_s,
+        reset=None if reset_on_release else _keep_session,
     )
     return pool
 
@@ -183,7 +196,11 @@ class PostgresStore:
         self.errors = 0
 
     async def start(self) -> None:
-        self._pool = await create_pool(self._dsn, timeout_s=self._timeout, max_size=self._max)
+        # Lookups and usage writes are single statements (or managed transactions): no
+        # session state to reset between two of them.
+        self._pool = await create_pool(
+            self._dsn, timeout_s=self._timeout, max_size=self._max, reset_on_release=False
+        )
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -27,6 +27,7 @@ ALL = [
     "004_edge_audit.sql",
     "005_edge_outbox.sql",
     "006_edge_domains.sql",
+    "009_edge_scale.sql",
 ]
 DEFAULT_TENANT = uuid.UUID("00000000-0000-0000-0000-000000000001")
 IDENTITY_TABLES = {

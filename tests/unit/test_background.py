@@ -253,3 +253,22 @@ async def test_stopping_a_probe_that_is_waiting_ends_it_without_a_check() -> Non
     await asyncio.sleep(0)  # the probe is waiting for its first interval
     await asyncio.wait_for(probe.stop(), WAIT)
     assert not probe.running and checks == 0
+
+
+async def test_a_key_used_many_times_between_flushes_is_one_row_of_one_write() -> None:
+    written: list[dict[str, KeyUsage]] = []
+
+    async def write(batch: dict[str, KeyUsage]) -> None:
+        written.append(batch)
+
+    recorder = UsageRecorder(write, interval_s=3600)
+    for i in range(1000):
+        recorder.record(
+            "k1", datetime(2026, 12, 7, 12, 0, i % 60, tzinfo=UTC), f"192.0.2.{i % 250}"
+        )
+    recorder.record("k2", AT, None)
+    await recorder.flush()
+    await recorder.flush()  # nothing new: no write at all
+    assert len(written) == 1
+    assert {k: u.count for k, u in written[0].items()} == {"k1": 1000, "k2": 1}
+    assert written[0]["k1"].last_used_at == datetime(2026, 12, 7, 12, 0, 59, tzinfo=UTC)
