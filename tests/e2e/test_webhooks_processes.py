@@ -118,11 +118,8 @@ async def test_two_dispatchers_make_each_attempt_once(
         hooks = [await add_webhook(db, tenant, r.url(f"/{i}")) for i in range(2)]
         path = config(tmp_path, max_in_flight_per_webhook=8)
         with (
-            dispatcher(path, migrated_dsn) as (_a, log_a),
-            dispatcher(path, migrated_dsn) as (
-                _b,
-                log_b,
-            ),
+            dispatcher(path, migrated_dsn) as (a, log_a),
+            dispatcher(path, migrated_dsn) as (b, log_b),
         ):
             await within(10, holds(lambda: b"dispatcher running" in log_a.read_bytes()))
             await within(10, holds(lambda: b"dispatcher running" in log_b.read_bytes()))
@@ -130,6 +127,8 @@ async def test_two_dispatchers_make_each_attempt_once(
                 events = {await publish(db, tenant) for _ in range(200)}
             await within(60, lambda: _equals(successes(db), 400))
             await asyncio.sleep(0.3)  # anything made twice would have arrived by now
+            # Stopped (SIGTERM flushes their attempt lines), then counted.
+            await asyncio.gather(asyncio.to_thread(stop, a), asyncio.to_thread(stop, b))
             made_a, made_b = len(attempt_lines(log_a)), len(attempt_lines(log_b))
     received = Counter((got.path, got.event_id) for got in r.received)
     assert set(received) == {(f"/{i}", e) for i in range(2) for e in events}
