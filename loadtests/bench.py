@@ -15,13 +15,13 @@ and prints the ratios to the floor first (plain/floor b/f, full/floor c/f), then
 and c/a; then req/s and p50/p99 per scenario (wrk, closed loop: median over rounds), Redis
 commands per request (INFO commandstats) and audit rows per request in (c).
 
-Then latency under load: (b) and (c), interleaved, at 70% (the budget's point) and 35% of
-(b)'s measured saturation throughput, driven by loadtests/openloop.py (open loop: a fixed
-request rate over keep-alive connections, latency from each request's scheduled send time, so
-queueing behind a stall is counted instead of omitted); p50/p99 over every request of the
-rounds, and the p99 the full pipeline adds (c minus b) against the budget of 1 ms. Both phases
-also report the proxy's CPU time per request (psutil), and the run says so when other
-processes used the CPU meanwhile (a test suite alongside disturbs the figures).
+Then latency under load: (b) and (c), interleaved, at 70%, 50% and 35% of (b)'s measured
+saturation throughput, driven by loadtests/openloop.py (open loop: a fixed request rate over
+keep-alive connections, latency from each request's scheduled send time, so queueing behind a
+stall is counted instead of omitted); p50/p99 over every request of the rounds, and the p99 the
+full pipeline adds (c minus b) against its budget (1 ms at 35%, 2 ms at 50%, 1 ms at any other
+load). Both phases also report the proxy's CPU time per request (psutil), and the run says so
+when other processes used the CPU meanwhile (a test suite alongside disturbs the figures).
 
 With ``--workers N`` (N > 1) a second proxy runs with ``--workers N`` on both cores (not
 pinned: its workers share core 1 with wrk, the upstream, Postgres and Redis), and the rounds
@@ -65,6 +65,9 @@ KEY = "fr_live_" + "B" * 40
 TENANT = "ffffffff-0000-0000-0000-000000000001"
 HOST = "videos.acme.test"
 PROXY_CORE, LOAD_CORE = "0", "1"
+# The p99 the full pipeline may add over plain forwarding, by share of plain's saturation (1 ms
+# at any other load measured).
+P99_BUDGET_MS = {0.35: 1.0, 0.5: 2.0}
 OPENLOOP_WARMUP_S = 1.0  # each open-loop run starts with this long at its rate, unrecorded
 
 
@@ -605,24 +608,36 @@ def report(
         print(f"  full/plain (c/b){suffix} = {c / b:.2f}")
         print(f"  full/upstream (c/a){suffix} = {c / med['a upstream']:.2f}")
         print(f"  plain/upstream (b/a){suffix} = {b / med['a upstream']:.2f}")
+    if not multi:  # the same ratios from CPU time per request, which a busy machine moves less
+        cpu = {
+            n: statistics.median(c for r in rs if (c := r.cpu_us) is not None)
+            for n, rs in results.items()
+            if n[0] in "fbc"
+        }
+        print(
+            f"  by CPU per request: plain/floor = {cpu['f floor'] / cpu['b plain']:.2f}, "
+            f"full/floor = {cpu['f floor'] / cpu['c full']:.2f}, "
+            f"full/plain = {cpu['b plain'] / cpu['c full']:.2f}"
+        )
     within: list[float] = []
     for load, by_name in latency.items():
         b_lat, c_lat = by_name.values()
         added = c_lat.pct_ms(99) - b_lat.pct_ms(99)
-        verdict = "within" if added <= 1.0 else "OVER"
-        if added <= 1.0:
+        budget = P99_BUDGET_MS.get(load, 1.0)
+        verdict = "within" if added <= budget else "OVER"
+        if added <= budget:
             within.append(load)
         print(
             f"  added p99 at {load:.0%} of plain's saturation (c - b) = {added:+.2f} ms "
-            f"(budget 1 ms: {verdict})"
+            f"(budget {budget:g} ms: {verdict})"
         )
     if latency:
-        # The loads are measured from the highest down; the budget holds up to the highest load
+        # The loads are measured from the highest down; the budgets hold up to the highest load
         # from which every lower one held too.
         loads = list(latency)
         held = [load for i, load in enumerate(loads) if all(x in within for x in loads[i:])]
         print(
-            "  the 1 ms budget holds up to "
+            "  the p99 budgets hold up to "
             + (f"{held[0]:.0%} of plain's saturation" if held else "none of the loads measured")
         )
     print(

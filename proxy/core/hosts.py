@@ -9,6 +9,7 @@ cache key and database lookup, so garbage must stop here.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -26,7 +27,10 @@ def _is_port(text: str) -> bool:
     return text.isascii() and (text == "" or text.isdigit())
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize_host(raw: str) -> str:
+    """Memoised: a server sees the same few Host values over and over. Refusals raise, so they
+    are never cached; the bound keeps a flood of made-up names from growing it."""
     raw = raw.strip()
     if not raw:
         raise BadHost("empty Host")
@@ -94,6 +98,7 @@ def is_platform_name(host: str, platform_domains: tuple[str, ...]) -> bool:
     return platform_domain_of(host, platform_domains) is not None
 
 
+@functools.lru_cache(maxsize=4096)
 def classify_host(host: str, platform_domains: tuple[str, ...]) -> HostMatch:
     """``<slug>.<platform domain>`` (one label), a platform domain itself, another name under
     a platform domain (reserved: it resolves to nothing), or anything else (a custom domain)."""

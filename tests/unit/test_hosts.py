@@ -318,3 +318,12 @@ def test_case_port_and_trailing_dot_do_not_change_the_tenant(label: str, port: s
 )
 def test_is_platform_name(host: str, reserved: bool) -> None:
     assert is_platform_name(host, ("flatrender.test", "other.test")) is reserved
+
+
+def test_normalisation_is_remembered_within_a_bound_and_refusals_never_are() -> None:
+    for _ in range(2):  # a refusal raises every time: exceptions are never cached
+        with pytest.raises(BadHost):
+            normalize_host("bad host!")
+    for i in range(5000):  # made-up names cannot grow the memo past its bound
+        assert normalize_host(f"H{i}.Example.test.") == f"h{i}.example.test"
+    assert normalize_host.cache_info().currsize <= 4096
