@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench bench-workers loadtest venv clean
+.PHONY: run test lint bench bench-workers bench-scale loadtest venv clean
 
 # The venv is (re)built when pyproject.toml changes; a fresh clone needs nothing else. The load
 # extra (locust) is installed too, so that the tests that import the load scripts run, not skip.
@@ -36,6 +36,13 @@ bench: venv
 bench-workers: venv
 	bash scripts/ensure-test-servers.sh
 	$(BIN)/python loadtests/bench.py --workers 2
+
+# Cost as tenants, keys and traffic grow: 100,000 tenants and 1,000,000 keys seeded by SQL,
+# warm/cold throughput, p99 on a full cache, GC pauses, memory, Postgres writes, a flood; ends
+# with the SCALE line (loadtests/bench_scale.py; a few minutes).
+bench-scale: venv
+	bash scripts/ensure-test-servers.sh
+	$(BIN)/python loadtests/bench_scale.py
 
 # Realistic reseller traffic with locust against a local stack it starts itself (Postgres, Redis,
 # echo upstream, proxy in database mode); reports in var/loadtest/, non-zero exit on a failed

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import py_compile
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -218,6 +219,37 @@ def test_an_incomplete_chunked_body_waits() -> None:
     openloop = _load("openloop")
     raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n"
     assert openloop.response_end(raw) is None
+
+
+# -- bench_scale: the keys it rebuilds, the bound it checks, the line it ends with ---------------
+
+
+def test_bench_scale_keys_are_well_formed_realistic_and_reproducible() -> None:
+    bench_scale = _load("bench_scale")
+    keys = [bench_scale.key_for("salt", i) for i in range(2000)]
+    assert all(re.fullmatch(r"fr_live_[A-Za-z0-9]{32}", k) for k in keys)
+    assert keys == [bench_scale.key_for("salt", i) for i in range(2000)]
+    assert bench_scale.key_for("other", 0) != keys[0]
+    # Realistic prefixes: one key each, nearly always (4 random base62 characters).
+    assert len({k[:12] for k in keys}) >= 1990
+
+
+def test_bench_scale_write_bound_and_line() -> None:
+    bench_scale = _load("bench_scale")
+    # A usage write per key per 10 s, a daily-usage upsert per tenant per 500 ms batch.
+    assert bench_scale.writes_bound(1000, 1000) == 2100
+    line = bench_scale.scale_line(
+        cold_warm=0.834,
+        warm_p99_ratio=1.26,
+        gc_pause_max_ms=12.34,
+        rss_per_entry_b=812.4,
+        pg_writes_per_s=1433.2,
+        flood_rss_growth_mb=3.21,
+    )
+    assert line == (
+        "SCALE cold_warm=0.83 warm_p99_ratio=1.26 gc_pause_max_ms=12.3 rss_per_entry_b=812"
+        " pg_writes_per_s=1433 flood_rss_growth_mb=3.2"
+    )
 
 
 # -- every script compiles and imports -----------------------------------------------------------
