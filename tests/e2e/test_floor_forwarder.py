@@ -12,16 +12,9 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from tests.procs import ROOT, Echo, free_port, start_echo, stop, wait_port
+from tests.procs import ROOT, Echo, free_port, stop, wait_port
 
 FLOOR = str(ROOT / "loadtests" / "floor_forwarder.py")
-
-
-@pytest.fixture(scope="module")
-def echo() -> Iterator[Echo]:
-    e = start_echo()
-    yield e
-    stop(e.proc)
 
 
 @pytest.fixture(scope="module")
