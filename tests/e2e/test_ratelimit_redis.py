@@ -206,9 +206,16 @@ async def test_fewer_redis_commands_than_requests_under_load(
                     await r.read()
                     return r.status
 
+            started = time.monotonic()
             statuses = await asyncio.gather(*(one(n) for n in names))
+            elapsed = time.monotonic() - started
             stats = await client.info("commandstats")
-        assert statuses.count(429) == names.count("hot") - 30
+        # The hot key's 30 tokens, plus what refilled (30/60 a second) while the burst ran: on a
+        # loaded machine the burst can take long enough for a token or two to come back.
+        refilled = int(elapsed * 30 / 60) + 1
+        granted = names.count("hot") - statuses.count(429)
+        assert 30 <= granted <= 30 + refilled
+        assert statuses.count(200) + statuses.count(429) == len(names)
         calls = sum(
             v["calls"] for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval")
         )
