@@ -14,6 +14,10 @@ refresh in the background, and invalidation that cannot be undone by a racing lo
   while the store is unreachable (refusing, or black-holed) cached answers keep coming without
   waiting for it, for up to ``stale_if_error_s`` past their TTL; only a key with nothing cached
   waits for its load. Freshness does not rest on the TTL: NOTIFY evicts changed rows at once.
+  Refresh ahead: each entry's background refresh starts at its own random age, 75-100% of the
+  TTL, so entries loaded together do not all refresh (or expire) together.
+- Every store calls ``on_store`` (``proxy.gcfreeze``: entries are long-lived objects, frozen out
+  of the cyclic collector's walks in batches).
 - ``invalidate`` bumps a generation counter: a load that started before the invalidation still
   answers its waiters but is not stored, so a NOTIFY can never be overwritten by older data;
   and it is detached, so a caller arriving after the invalidation starts a fresh load.
@@ -46,6 +50,11 @@ log = logging.getLogger("proxy.cache")
 # within seconds.
 REFRESH_BACKOFF_BASE_S = 1.0
 REFRESH_BACKOFF_CAP_S = 30.0
+# Refresh-ahead: an entry is refreshed (in the background, answering at once meanwhile) at a
+# random age between 75% and 100% of the TTL. Entries loaded together (a cold start, a burst of
+# new tenants) then refresh spread over a quarter of the TTL instead of all at once; freshness
+# itself rests on NOTIFY, the TTL only bounds what a missed notification can cost.
+REFRESH_AHEAD_SHARE = 0.25
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:
@@ -58,6 +67,7 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
 class _Entry(Generic[V]):
     value: V
     loaded_at: float
+    fresh_for: float  # its own lifetime: refreshed ahead of the TTL, at a jittered age
     failures: int = 0  # background refreshes failed in a row
     retry_at: float = 0.0  # no background refresh before this
 
@@ -74,12 +84,16 @@ class LoadingCache(Generic[K, V]):
         is_miss: Callable[[V], bool] = operator.not_,
         clock: Callable[[], float] = time.monotonic,
         jitter: Callable[[], float] = random.random,
+        on_store: Callable[[], None] = lambda: None,
+        lifetime_jitter: Callable[[], float] = random.random,
     ) -> None:
         self._load = load
+        self._on_store = on_store  # proxy.gcfreeze: entries are long-lived objects
         self._ttl = ttl_s
         self._is_miss = is_miss
         self._clock = clock
         self._jitter = jitter
+        self._lifetime_jitter = lifetime_jitter
         keep = ttl_s + stale_if_error_s
         self._hits: TTLCache[K, _Entry[V]] = TTLCache(maxsize=maxsize, ttl=keep, timer=clock)
         self._misses: TTLCache[K, _Entry[V]] = TTLCache(maxsize=miss_maxsize, ttl=keep, timer=clock)
@@ -102,12 +116,16 @@ class LoadingCache(Generic[K, V]):
         if entry is None:
             return MISSING
         now = self._clock()
-        if now - entry.loaded_at < self._ttl:
+        age = now - entry.loaded_at
+        if age < entry.fresh_for:
             self.hits += 1
+            return entry.value
+        if age < self._ttl:
+            self.hits += 1  # still fresh, refreshed ahead of its TTL
         else:
             self.stale_served += 1
-            if now >= entry.retry_at and key not in self._inflight:
-                self._start_load(key)
+        if now >= entry.retry_at and key not in self._inflight:
+            self._start_load(key)
         return entry.value
 
     async def get(self, key: K) -> V:
@@ -158,7 +176,9 @@ class LoadingCache(Generic[K, V]):
             (self._misses, self._hits) if self._is_miss(value) else (self._hits, self._misses)
         )
         drop.pop(key, None)
-        keep[key] = _Entry(value, self._clock())
+        fresh_for = self._ttl * (1 - REFRESH_AHEAD_SHARE * self._lifetime_jitter())
+        keep[key] = _Entry(value, self._clock(), fresh_for)
+        self._on_store()
 
     def _back_off(self, key: K, generation: int) -> None:
         entry = self._find(key)

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from proxy.core.apikeys import ApiKey
 from proxy.core.tenancy import Tenant
+from proxy.gcfreeze import GrowthFreezer
 from proxy.stores.base import Missing, TenantKind
 from proxy.stores.cached import LoadingCache
 from proxy.stores.miss_budget import BudgetedLoads
@@ -42,6 +43,7 @@ class CachedIdentityStore:
     ) -> None:
         self.db = PostgresStore(dsn, timeout_s=timeout_s)
         self.budgeted = BudgetedLoads(max_miss_lookups_per_s, timeout_s)
+        self.freezer = GrowthFreezer()
 
         def cache(load: Callable[[_K], Awaitable[_V]]) -> LoadingCache[_K, _V]:
             return LoadingCache(
@@ -50,6 +52,7 @@ class CachedIdentityStore:
                 stale_if_error_s=stale_if_error_s,
                 maxsize=max_entries,
                 miss_maxsize=MAX_MISS_ENTRIES,
+                on_store=self.freezer.grew,
             )
 
         self.tenants: LoadingCache[TenantKey, Tenant | None] = cache(self._load_tenant)

@@ -5,6 +5,7 @@ loader whose calls the test releases one by one."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Callable
 
 import pytest
@@ -70,6 +71,7 @@ def make(
         miss_maxsize=int(options.get("miss_maxsize", 100_000)),
         clock=clock or Clock(),
         jitter=lambda: 0.5,
+        lifetime_jitter=lambda: 0.0,  # fresh for the whole TTL unless a test says otherwise
     )
 
 
@@ -409,3 +411,27 @@ async def test_cached_answers_without_waiting_and_says_when_a_load_is_needed() -
     assert cache.cached("a") == "A"
     await until(lambda: loader.calls == ["a", "a"])
     assert cache.stale_served == 1
+
+
+async def test_entries_are_refreshed_ahead_of_their_ttl_at_spread_ages() -> None:
+    clock = Clock()
+    loader = Loader({"a": "v1", "b": "v1"})
+    # a: fresh for 75% of the TTL, b (and a's refreshed entry): for all of it
+    spreads = itertools.chain([1.0], itertools.repeat(0.0))
+    cache: LoadingCache[str, str | None] = LoadingCache(
+        loader,
+        ttl_s=TTL,
+        stale_if_error_s=STALE,
+        clock=clock,
+        lifetime_jitter=lambda: next(spreads),
+    )
+    assert await cache.get("a") == "v1"
+    assert await cache.get("b") == "v1"
+    loader.values.update(a="v2", b="v2")
+    clock.now += 0.8 * TTL
+    assert await cache.get("a") == "v1"  # answered at once, refreshed in the background
+    assert await cache.get("b") == "v1"  # not due yet
+    await until(lambda: cache.peek("a") == "v2")
+    assert loader.calls == ["a", "b", "a"]
+    assert cache.stale_served == 0  # within the TTL, a refresh ahead is no stale answer
+    assert cache.peek("b") == "v1"
