@@ -57,6 +57,10 @@ class KeyStore(Protocol):
     async def by_prefix(self, prefix: str) -> Sequence[ApiKey]:
         """Every key row whose ``key_prefix`` is ``prefix`` (active or not: the stage decides)."""
 
+    async def by_id(self, key_id: str) -> ApiKey | None:
+        """The key row with this id (a UUID), active or not; ``/explain`` names keys this way,
+        never by the key itself."""
+
 
 class BucketStore(Protocol):
     async def take(self, bucket: str, capacity: int) -> Decision:
@@ -80,6 +84,10 @@ class QuotaStore(Protocol):
 
     async def reserve(self, tenant_id: str, quota: int, now: datetime) -> QuotaDecision:
         """A unit of ``quota`` for ``now``'s UTC month, if one is free."""
+
+    async def peek(self, tenant_id: str, quota: int, now: datetime) -> QuotaDecision:
+        """What ``reserve`` would decide now (``left``: before this request), reserving,
+        writing and counting nothing."""
 
     def settle(
         self, tenant_id: str, month: str, reservation: Reservation | None, started: bool

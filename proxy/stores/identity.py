@@ -96,6 +96,10 @@ class CachedIdentityStore:
     async def by_prefix(self, prefix: str) -> Sequence[ApiKey]:
         return await self.keys.get(prefix)
 
+    async def by_id(self, key_id: str) -> ApiKey | None:
+        """Uncached: asked by ``/explain`` only, which must see the row as it is now."""
+        return await self.db.key_by_id(key_id)
+
     # -- ChallengeStore
     async def challenge_valid(self, domain: str, token: str, now: datetime) -> bool:
         return any(t == token and now < exp for t, exp in await self.challenges.get(domain))

@@ -62,14 +62,19 @@ class MemoryTenantStore:
 class MemoryKeyStore:
     def __init__(self, keys: Iterable[ApiKey]) -> None:
         self._by_prefix: dict[str, list[ApiKey]] = {}
+        self._by_id: dict[str, ApiKey] = {}
         for key in keys:
             self._by_prefix.setdefault(key.key_prefix, []).append(key)
+            self._by_id[key.id.lower()] = key
 
     def cached_keys(self, prefix: str) -> Sequence[ApiKey]:
         return self._by_prefix.get(prefix, ())
 
     async def by_prefix(self, prefix: str) -> Sequence[ApiKey]:
         return self._by_prefix.get(prefix, ())
+
+    async def by_id(self, key_id: str) -> ApiKey | None:
+        return self._by_id.get(key_id.lower())
 
 
 def _get(row: dict[str, Any], name: str, kind: type | tuple[type, ...], where: str) -> Any:

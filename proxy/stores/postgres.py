@@ -56,13 +56,15 @@ TENANT_BY_DOMAIN = _TENANT.format(where="t.custom_domain = $1::citext")
 TENANT_BY_SLUG = _TENANT.format(where="t.slug = $1::citext")
 TENANT_BY_ID = _TENANT.format(where="t.id = $1::uuid")
 
-KEYS_BY_PREFIX = """
+_KEYS = """
 SELECT id::text AS id, tenant_id::text AS tenant_id, environment::text AS environment,
        key_prefix, key_hash, scopes, allowed_ips::text[] AS allowed_ips, rate_limit_rpm,
        is_active, expires_at, revoked_at
   FROM identity.tenant_api_keys
- WHERE key_prefix = $1
+ WHERE {where}
 """
+KEYS_BY_PREFIX = _KEYS.format(where="key_prefix = $1")
+KEY_BY_ID = _KEYS.format(where="id = $1::uuid")
 
 # One statement per flush for every key used since the last one. last_used_* only move forward
 # (another proxy process may have written a later use already).
@@ -231,6 +233,10 @@ class PostgresStore:
     async def keys_by_prefix(self, prefix: str) -> tuple[ApiKey, ...]:
         rows = await self._run(lambda c: c.fetch(KEYS_BY_PREFIX, prefix))
         return tuple(_key(r) for r in rows)
+
+    async def key_by_id(self, key_id: str) -> ApiKey | None:
+        row = await self._run(lambda c: c.fetchrow(KEY_BY_ID, key_id))
+        return None if row is None else _key(row)
 
     async def challenges(self, domain: str) -> tuple[tuple[str, datetime], ...]:
         rows = await self._run(lambda c: c.fetch(CHALLENGES_BY_DOMAIN, domain))

@@ -44,14 +44,17 @@ log = logging.getLogger("proxy.quota")
 # The month's renders_started of a tenant (Postgres), for a count that is missing.
 RebuildSource = Callable[[str, date], Awaitable[int]]
 
-RESERVE, COMMIT, RELEASE = 1, 2, 3
+RESERVE, COMMIT, RELEASE, PEEK = 1, 2, 3, 4
 NO_COUNT = -1  # the script's answer when the month's count is missing; also "no rebuilt value"
 
 # One call decides a batch of operations, each atomically (a script runs alone on its node).
 # Per operation, KEYS: the month's count of renders started, then the reservations in flight
 # (a sorted set; member: reservation id, score: its expiry in ms on Redis's clock). ARGV, 7 per
 # operation: op, quota, reservation id (0: none), lease ms, count expiry (Unix s), rebuilt count
-# (-1: none), amount to add on commit. Replies: 3 integers per operation.
+# (-1: none), amount to add on commit. Replies: 3 integers per operation. A peek (``/explain``)
+# writes nothing, not even the expired reservations' removal: it answers whether the count
+# exists (1, else -1), the count, and the reservations not yet expired, and ``core.quota.admits``
+# decides in the caller.
 QUOTA_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -61,7 +64,11 @@ for i = 1, #KEYS / 2 do
   local a = 7 * (i - 1)
   local op, id = tonumber(ARGV[a + 1]), ARGV[a + 3]
   local r1, r2, r3 = 1, 0, 0
-  if op ~= 1 then
+  if op == 4 then
+    local count = redis.call('GET', count_key)
+    if count then r2 = tonumber(count) else r1 = -1 end
+    r3 = redis.call('ZCOUNT', held_key, '(' .. now, '+inf')
+  elseif op ~= 1 then
     if id ~= '0' then redis.call('ZREM', held_key, id) end
     -- A missing count is rebuilt from Postgres, which has (or will have) this unit.
     if op == 2 and redis.call('EXISTS', count_key) == 1 then
@@ -154,14 +161,17 @@ class _Rebuilds:
         self._counters = counters
         self._loading: dict[tuple[str, date], asyncio.Future[int]] = {}
 
-    async def count(self, tenant_id: str, now: datetime) -> int:
+    async def count(self, tenant_id: str, now: datetime, *, rebuild: bool = True) -> int:
+        """``rebuild=False``: the count is only read (a peek), not put back, so it is not
+        counted as a rebuild."""
         key = (tenant_id, first_day(now))
         loading = self._loading.get(key)
         if loading is None:
             loading = asyncio.ensure_future(self._source(*key))
             self._loading[key] = loading
             loading.add_done_callback(lambda _: self._loading.pop(key, None))
-            self._counters.rebuilds += 1
+            if rebuild:
+                self._counters.rebuilds += 1
         return await asyncio.shield(loading)
 
 
@@ -192,6 +202,15 @@ class MemoryQuotaStore:
         self.counters.admitted += 1
         reservation = Reservation(tenant_id, month, 0, 0)
         return QuotaDecision(True, remaining(quota, count, held + 1), reservation)
+
+    async def peek(self, tenant_id: str, quota: int, now: datetime) -> QuotaDecision:
+        """What ``reserve`` would decide, reserving, storing and counting nothing."""
+        month = month_id(now)
+        count = self._counts.get(tenant_id) if month == self._month else None
+        held = self._held.get(tenant_id, 0) if month == self._month else 0
+        if count is None:
+            count = await self._rebuilds.count(tenant_id, now, rebuild=False)
+        return QuotaDecision(admits(quota, count, held), remaining(quota, count, held), None)
 
     def settle(
         self, tenant_id: str, month: str, reservation: Reservation | None, started: bool
@@ -307,6 +326,27 @@ class RedisQuotaStore:
             True, remaining(quota, count, held), Reservation(tenant_id, month, rid, expires)
         )
 
+    async def peek(self, tenant_id: str, quota: int, now: datetime) -> QuotaDecision:
+        """What ``reserve`` would decide, from a script call that writes nothing (a missing
+        count is read from Postgres, not put back); while Redis is unreachable, what the
+        outage rule would decide. Counts nothing."""
+        if self._open:
+            return await self._degraded_peek(tenant_id, quota, now)
+        args = [PEEK, quota, 0, 0, 0, NO_COUNT, 0]
+        try:
+            exists, count, held = await self._submit(
+                tenant_id, quota_keys(tenant_id, month_id(now)), args
+            )
+            if exists == NO_COUNT:
+                count = await self._rebuilds.count(tenant_id, now, rebuild=False)
+        except ProxyError:  # Postgres could not say what the month's count is
+            return await self._degraded_peek(tenant_id, quota, now)
+        except Exception as e:  # as in reserve: the breaker opens
+            self._client.reset()
+            self._trip(e)
+            return await self._degraded_peek(tenant_id, quota, now)
+        return QuotaDecision(admits(quota, count, held), remaining(quota, count, held), None)
+
     def _submit(
         self, tenant_id: str, keys: list[str], args: list[int]
     ) -> asyncio.Future[list[int]]:
@@ -366,6 +406,24 @@ class RedisQuotaStore:
         if not self._fail_open:
             self.counters.unavailable += 1
             raise RateLimiterUnavailable()
+        share, mine = await self._outage_room(tenant_id, quota, now)
+        if mine >= share:
+            self.counters.degraded_refused += 1
+            return QuotaDecision(False, 0, None)
+        self._outage_used[tenant_id] = mine + 1
+        self.counters.degraded_admitted += 1
+        reservation = Reservation(tenant_id, month_id(now), 0, 0, degraded=True)
+        return QuotaDecision(True, share - mine - 1, reservation)
+
+    async def _degraded_peek(self, tenant_id: str, quota: int, now: datetime) -> QuotaDecision:
+        if not self._fail_open:
+            raise RateLimiterUnavailable()
+        share, mine = await self._outage_room(tenant_id, quota, now)
+        return QuotaDecision(mine < share, max(0, share - mine), None)
+
+    async def _outage_room(self, tenant_id: str, quota: int, now: datetime) -> tuple[int, int]:
+        """This process's share of the month's last known remainder while Redis is
+        unreachable, and the admissions it holds or kept of it."""
         month = month_id(now)
         last = self._last_used.get(tenant_id)
         if last is None or last[0] != month:
@@ -376,14 +434,7 @@ class RedisQuotaStore:
                 used = quota  # nothing known: admit none rather than guess
             last = self._last_used[tenant_id] = (month, used)
         share = outage_share(quota - last[1], self._instances)
-        mine = self._outage_used.get(tenant_id, 0)
-        if mine >= share:
-            self.counters.degraded_refused += 1
-            return QuotaDecision(False, 0, None)
-        self._outage_used[tenant_id] = mine + 1
-        self.counters.degraded_admitted += 1
-        reservation = Reservation(tenant_id, month, 0, 0, degraded=True)
-        return QuotaDecision(True, share - mine - 1, reservation)
+        return share, self._outage_used.get(tenant_id, 0)
 
     def settle(
         self, tenant_id: str, month: str, reservation: Reservation | None, started: bool

@@ -60,8 +60,10 @@ else
   now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 -- Each distinct bucket is read once and written once per batch, however many of its checks
--- the batch holds: they all happen at the same "now", one after another.
-local tokens_of, capacity_of, order = {}, {}, {}
+-- the batch holds: they all happen at the same "now", one after another. A bucket only peeked
+-- at is not written: its refill is a function of what is stored, so writing it back would
+-- change nothing but its key, its timestamp and its expiry (a peek leaves Redis as it was).
+local tokens_of, capacity_of, order, taken = {}, {}, {}, {}
 local out = {}
 for i = 1, n do
   local key = KEYS[i]
@@ -89,6 +91,7 @@ for i = 1, n do
     tokens = math.min(capacity, tokens)
   end
   local allowed = 0
+  if not peek then taken[key] = true end
   if tokens >= 1 then
     if not peek then tokens = tokens - 1 end
     allowed = 1
@@ -99,10 +102,12 @@ for i = 1, n do
   out[#out + 1] = string.format('%.17g', tokens)
 end
 for _, key in ipairs(order) do
-  local tokens, capacity = tokens_of[key], capacity_of[key]
-  -- Gone once it would be full again: an absent bucket and a full one are the same.
-  local ttl = math.ceil((capacity - tokens) / (capacity / 60) * 1000) + 1000
-  redis.call('SET', key, string.format('%.17g %.17g', tokens, now), 'PX', ttl)
+  if taken[key] then
+    local tokens, capacity = tokens_of[key], capacity_of[key]
+    -- Gone once it would be full again: an absent bucket and a full one are the same.
+    local ttl = math.ceil((capacity - tokens) / (capacity / 60) * 1000) + 1000
+    redis.call('SET', key, string.format('%.17g %.17g', tokens, now), 'PX', ttl)
+  end
 end
 return out
 """

@@ -258,3 +258,49 @@ async def test_a_missing_count_is_rebuilt_once_for_a_burst(own_redis: RedisServe
         assert history.asked == 1
     finally:
         await quotas.close()
+
+
+async def _contents(raw: aioredis.Redis) -> dict[bytes, object]:
+    """Every key with its value (and its expiry in whole seconds)."""
+    out: dict[bytes, object] = {}
+    for key in await raw.keys("*"):
+        kind = await raw.type(key)
+        value = (
+            await raw.zrange(key, 0, -1, withscores=True)
+            if kind == b"zset"
+            else await raw.get(key)
+        )
+        out[key] = (value, await raw.ttl(key))
+    return out
+
+
+async def test_peek_agrees_with_reserve_and_writes_nothing(
+    own_redis: RedisServer, raw: aioredis.Redis
+) -> None:
+    """``/explain``'s quota peek in Redis: the count and the reservations in flight as a
+    reserve would see them, a missing count read from Postgres and not put back, and not one
+    key, value or expiry changed; nothing counted."""
+    now = datetime.now(UTC)
+    history = History(renders=1)
+    quotas = store(own_redis, history, failure_mode="closed")
+    await quotas.start()
+    try:
+        first = await quotas.peek(TENANT, 3, now)  # no count in Redis yet
+        assert (first.admitted, first.left, history.asked) == (True, 2, 1)
+        assert await raw.keys("*") == []
+        held = await quotas.reserve(TENANT, 3, now)  # rebuilds the count: 1, and holds one
+        assert held.admitted
+        before = await _contents(raw)
+        counters = (quotas.counters.admitted, quotas.counters.refused, quotas.counters.rebuilds)
+        assert (await quotas.peek(TENANT, 3, now)).left == 1
+        full = await quotas.peek(TENANT, 2, now)
+        assert (full.admitted, full.left) == (False, 0)
+        assert await _contents(raw) == before
+        assert (
+            quotas.counters.admitted,
+            quotas.counters.refused,
+            quotas.counters.rebuilds,
+        ) == counters
+        assert not (await quotas.reserve(TENANT, 2, now)).admitted  # reserve agrees
+    finally:
+        await quotas.close()

@@ -12,7 +12,7 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from proxy.core.bucket import BucketState, take
+from proxy.core.bucket import BucketState, peek, take
 from proxy.stores.redis import BATCH_SCRIPT, bucket_key
 from tests.e2e.test_embedded import _key_row, mint
 from tests.procs import Echo, Proxy, raw_request, start_proxy, stop, write_config
@@ -126,6 +126,32 @@ async def test_lua_script_and_pure_function_agree(redis_server: RedisServer) -> 
             states[k], expected = take(states[k], cap, 1_700_000_500.0)
             assert (reply[2 * i] == 1) == expected.allowed, i
             assert float(reply[2 * i + 1]) == pytest.approx(states[k].tokens), i  # type: ignore[union-attr]
+    finally:
+        await client.aclose()
+
+
+async def test_a_peek_writes_nothing(redis_server: RedisServer) -> None:
+    """A peek (negative capacity) reports what ``core.bucket.peek`` reports and leaves Redis as
+    it was: an absent bucket stays absent, a stored one keeps its value and its expiry; in a
+    batch where the same bucket is also taken from, only the take writes."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    script = client.register_script(BATCH_SCRIPT)
+    t0 = 1_700_000_000.0
+    absent, stored = (bucket_key(f"peek-{n}:{time.monotonic_ns()}") for n in ("a", "s"))
+    try:
+        reply = await script(keys=[absent], args=[-3, t0])
+        assert reply[0] == 1 and float(reply[1]) == 3.0
+        assert await client.exists(absent) == 0
+        await script(keys=[stored, stored], args=[3, 3, t0])  # two tokens taken
+        before = (await client.get(stored), await client.pttl(stored))
+        reply = await script(keys=[stored], args=[-3, t0 + 10])
+        state, _ = take(take(None, 3, t0)[0], 3, t0)
+        expected = peek(state, 3, t0 + 10)
+        assert (reply[0] == 1, int(float(reply[1]))) == (expected.allowed, expected.remaining)
+        assert await client.get(stored) == before[0]
+        assert await client.pttl(stored) <= before[1]  # not pushed back by a write
+        await script(keys=[stored, stored], args=[-3, 3, t0 + 10])  # peek, then take
+        assert await client.get(stored) != before[0]
     finally:
         await client.aclose()
 

@@ -88,3 +88,26 @@ def test_audit_rows_carry_the_render_mark_through_the_spool_format() -> None:
     older = row.as_json_row()
     del older["render_started"]  # a spool file written before the mark existed
     assert AuditRecord.from_json_row(older).render_started is False
+
+
+async def test_peek_says_what_reserve_would_and_changes_nothing() -> None:
+    """``/explain``'s quota peek: the decision and the units left before this request, from
+    the month's count (read from the history when this process has none) and the units in
+    flight; nothing is reserved, stored or counted."""
+    history = History(2)
+    history.gate.set()
+    quotas = MemoryQuotaStore(history)
+    cold = await quotas.peek(TENANT, 3, NOW)
+    assert (cold.admitted, cold.left, cold.reservation) == (True, 1, None)
+    assert quotas.counters.rebuilds == 0 and len(history.asked) == 1
+    assert (await quotas.peek(TENANT, 3, NOW)).left == 1  # still nothing reserved
+    held = await quotas.reserve(TENANT, 3, NOW)  # the last unit, in flight
+    assert held.admitted
+    before = (quotas.counters.admitted, quotas.counters.refused)
+    full = await quotas.peek(TENANT, 3, NOW)
+    assert (full.admitted, full.left) == (False, 0)
+    assert not (await quotas.reserve(TENANT, 3, NOW)).admitted  # reserve agrees
+    quotas.settle(TENANT, month_id(NOW), held.reservation, False)
+    assert (await quotas.peek(TENANT, 3, NOW)).admitted  # given back: room again
+    assert (quotas.counters.admitted, quotas.counters.refused) == (before[0], before[1] + 1)
+    assert (await quotas.peek(TENANT, 0, NOW)).admitted is False  # 0 admits none
