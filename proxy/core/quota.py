@@ -50,6 +50,15 @@ def seconds_in_month(now: datetime) -> int:
     return int((next_month_start(now) - month_start(now)).total_seconds())
 
 
+def applicable_quota(method: str, monthly_render_qty: int | None) -> int | None:
+    """The quota a request on a metered route counts against: POSTs create renders, other
+    methods are neither counted nor refused; None is unlimited, and a negative figure (the
+    column allows one) admits none, as 0 does."""
+    if method != "POST" or monthly_render_qty is None:
+        return None
+    return max(0, monthly_render_qty)
+
+
 def admits(quota: int, count: int, reserved: int) -> bool:
     """Admission: the month's count plus the units reserved and not yet answered stays below
     the quota after this one (0 admits none)."""

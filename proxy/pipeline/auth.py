@@ -17,18 +17,22 @@ from datetime import datetime
 from aiohttp import web
 
 from proxy.context import RequestContext
-from proxy.core.apikeys import (
-    ApiKey,
-    authorize,
-    find_match,
-    parse_key,
-    presented_key,
-    required_scope,
-)
-from proxy.core.tenancy import check_status
-from proxy.errors import InvalidApiKey, MissingApiKey
+from proxy.core.access import admit
+from proxy.core.apikeys import ApiKey, find_match, parse_key, presented_key, required_scope
+from proxy.core.tenancy import Tenant, check_status
 from proxy.stores.base import KeyStore, Missing, TenantStore, UsageSink
 from proxy.telemetry import Telemetry
+
+
+async def key_tenant(
+    tenants: TenantStore, key: ApiKey, tenant: Tenant, via_platform: bool
+) -> Tenant | None:
+    """The request's tenant once ``key`` is identified: on a platform domain the key's own
+    (CONTRACT §3 rule 3), elsewhere the Host's; None when the key's tenant was deleted (its
+    keys are gone too)."""
+    if via_platform and key.tenant_id != tenant.id:
+        return await tenants.by_id(key.tenant_id)
+    return tenant
 
 
 def auth_stage(
@@ -54,12 +58,10 @@ def auth_stage(
         if key is None:
             return None
         assert ctx.tenant is not None  # the tenant stage ran
-        if ctx.via_platform and key.tenant_id != ctx.tenant.id:
-            owner = await tenants.by_id(key.tenant_id)
-            if owner is None:
-                return None  # the key's tenant was deleted: its keys are gone too
-            ctx.tenant = owner
-        ctx.api_key = key
+        owner = await key_tenant(tenants, key, ctx.tenant, ctx.via_platform)
+        if owner is None:
+            return None
+        ctx.tenant, ctx.api_key = owner, key
         return key
 
     async def auth(request: web.Request, ctx: RequestContext) -> None:
@@ -68,9 +70,16 @@ def auth_stage(
         headers = request.headers
         token = presented_key(headers.get("Authorization"), headers.get("X-API-Key"))
         if token is None:
-            check_status(host_tenant, clock())
-            if route.auth == "api_key":
-                raise MissingApiKey()
+            admit(
+                host_tenant,
+                route.auth,
+                presented=False,
+                key=None,
+                now=clock(),
+                client_ip=ctx.client_ip,
+                request_tenant_id=host_tenant.id,
+                scope=None,
+            )
             return
         with telemetry.span("edge.auth") as span:
             key = await identify(ctx, token)
@@ -79,17 +88,18 @@ def auth_stage(
             now = clock()
             tenant = ctx.tenant  # on a platform domain, the key's tenant once identified
             assert tenant is not None
-            check_status(tenant, now)
-            if key is None:
-                raise InvalidApiKey()  # unknown, wrong and malformed keys look the same
-            authorize(
-                key,
+            admit(
+                tenant,
+                route.auth,
+                presented=True,
+                key=key,
                 now=now,
                 client_ip=ctx.client_ip,
                 # On a platform domain the key decides the tenant; elsewhere the Host does.
                 request_tenant_id=None if ctx.via_platform else host_tenant.id,
                 scope=required_scope(route.scopes, request.method),
             )
+        assert key is not None  # admitted
         usage.record(key.id, now, ctx.client_ip or None)
 
     return auth

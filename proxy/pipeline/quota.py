@@ -13,7 +13,12 @@ from aiohttp import web
 
 from proxy.context import RequestContext
 from proxy.core.bucket import ITEM_FIELDS
-from proxy.core.quota import month_id, quota_items, seconds_until_next_month
+from proxy.core.quota import (
+    applicable_quota,
+    month_id,
+    quota_items,
+    seconds_until_next_month,
+)
 from proxy.errors import RenderQuotaExceeded
 from proxy.stores.base import QuotaStore
 from proxy.telemetry import Telemetry
@@ -49,10 +54,9 @@ class QuotaStage:
         if request.method != "POST":
             return
         now = self._clock()
-        limit = tenant.monthly_render_qty
+        limit = applicable_quota(request.method, tenant.monthly_render_qty)
         reservation = None
         if limit is not None:
-            limit = max(0, limit)  # the column allows a negative figure: it admits none
             with self._telemetry.span("edge.quota"):
                 decision = await self._quotas.reserve(tenant.id, limit, now)
             items = quota_items(limit, decision.left, now)

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from proxy.context import RequestContext
 from proxy.core.bucket import ITEM_FIELDS, Decision, limit_headers, nothing_allowed
+from proxy.core.tenancy import Tenant
 from proxy.errors import RateLimited
 from proxy.settings import RatelimitSettings, RouteSettings
 from proxy.stores.base import BucketStore
@@ -24,7 +25,7 @@ class LimitCounters:
     shadow_rejected: int = 0  # would have been rejected, served because of shadow mode
 
 
-def _bucket_of(ctx: RequestContext, anonymous_rpm: int) -> tuple[str, int, str] | None:
+def bucket_of(ctx: RequestContext, anonymous_rpm: int) -> tuple[str, int, str] | None:
     """The bucket, its capacity and its policy name for this request; None: not limited."""
     tenant, route, key = ctx.tenant, ctx.route, ctx.api_key
     assert tenant is not None and route is not None  # earlier stages ran
@@ -52,18 +53,26 @@ def limit_without_a_token(
     headers as they stand, taking no token. Its own ``Retry-After`` stays the refusal's."""
 
     async def add(ctx: RequestContext) -> None:
-        limit = _bucket_of(ctx, settings.anonymous_rpm)
+        limit = bucket_of(ctx, settings.anonymous_rpm)
         if limit is None:
             return
         bucket, capacity, policy = limit
-        decision: Decision = (
-            await buckets.peek(bucket, capacity) if capacity >= 1 else nothing_allowed(capacity)
-        )
-        headers = limit_headers(decision, policy)
+        headers = limit_headers(await peek(buckets, bucket, capacity), policy)
         headers.pop("Retry-After", None)
         _add_headers(ctx, headers)
 
     return add
+
+
+async def peek(buckets: BucketStore, bucket: str, capacity: int) -> Decision:
+    """The bucket's figures as they stand, taking no token (a capacity under one never reaches
+    a store: see ``nothing_allowed``)."""
+    return await buckets.peek(bucket, capacity) if capacity >= 1 else nothing_allowed(capacity)
+
+
+def shadowed(settings: RatelimitSettings, tenant: Tenant) -> bool:
+    """Decisions are made and reported, never enforced (CONTRACT §6)."""
+    return settings.shadow or tenant.features.get("ratelimit_shadow") is True
 
 
 def ratelimit_stage(
@@ -76,7 +85,7 @@ def ratelimit_stage(
     anonymous_rpm = settings.anonymous_rpm
 
     async def ratelimit(_request: web.Request, ctx: RequestContext) -> None:
-        limit = _bucket_of(ctx, anonymous_rpm)
+        limit = bucket_of(ctx, anonymous_rpm)
         if limit is None:
             return
         bucket, capacity, policy = limit
@@ -90,7 +99,7 @@ def ratelimit_stage(
             if decision.allowed:
                 counters.allowed += 1
                 ctx.limit_decision = "allowed"
-            elif settings.shadow or tenant.features.get("ratelimit_shadow") is True:
+            elif shadowed(settings, tenant):
                 counters.shadow_rejected += 1
                 ctx.limit_decision = "shadow"
             else:
@@ -106,7 +115,7 @@ def ratelimit_stage(
 
 
 def applies_to(route: RouteSettings, settings: RatelimitSettings) -> bool:
-    """Whether a request on ``route`` can take a token (``_bucket_of``): one with a key (a
+    """Whether a request on ``route`` can take a token (``bucket_of``): one with a key (a
     route that reads keys), or one without on a route open to anonymous requests when
     ``anonymous_rpm`` is set."""
     return route.auth != "none" or settings.anonymous_rpm > 0

@@ -62,25 +62,39 @@ CHALLENGE_PREFIX = "/.well-known/flatrender-challenge/"
 
 
 def is_challenge(request: web.Request, ctx: RequestContext) -> bool:
-    return ctx.path.startswith(CHALLENGE_PREFIX) and request.method in ("GET", "HEAD")
+    return challenge_target(request.method, ctx.path)
+
+
+def challenge_target(method: str, path: str) -> bool:
+    return path.startswith(CHALLENGE_PREFIX) and method in ("GET", "HEAD")
+
+
+async def challenge_token(
+    store: ChallengeStore, platform_domains: tuple[str, ...], host: str, path: str, now: datetime
+) -> str | None:
+    """The token a challenge request is answered with, or None (404): never for a platform
+    name (CONTRACT §3), where a tenant must not prove control of a host that is not its."""
+    token = path[len(CHALLENGE_PREFIX) :]
+    if (
+        not token
+        or "/" in token
+        or is_platform_name(host, platform_domains)
+        or not await store.challenge_valid(host, token, now)
+    ):
+        return None
+    return token
 
 
 def challenge_stage(
     store: ChallengeStore, platform_domains: tuple[str, ...], clock: Callable[[], datetime]
 ) -> Callable[[RequestContext], Awaitable[web.Response]]:
     """Answer custom-domain verification before tenant resolution: it must work while the
-    domain is still unverified (which the tenant stage would refuse with 421). Never for a
-    platform name (CONTRACT §3): a tenant must not prove control of a host that is not its.
-    Runs for the requests ``is_challenge`` picks."""
+    domain is still unverified (which the tenant stage would refuse with 421). Runs for the
+    requests ``is_challenge`` picks."""
 
     async def challenge(ctx: RequestContext) -> web.Response:
-        token = ctx.path[len(CHALLENGE_PREFIX) :]
-        if (
-            not token
-            or "/" in token
-            or is_platform_name(ctx.host, platform_domains)
-            or not await store.challenge_valid(ctx.host, token, clock())
-        ):
+        token = await challenge_token(store, platform_domains, ctx.host, ctx.path, clock())
+        if token is None:
             raise ChallengeNotFound()
         return web.Response(text=token, content_type="text/plain")
 

@@ -57,7 +57,7 @@ class KeyStore(Protocol):
     async def by_prefix(self, prefix: str) -> Sequence[ApiKey]:
         """Every key row whose ``key_prefix`` is ``prefix`` (active or not: the stage decides)."""
 
-    async def by_id(self, key_id: str) -> ApiKey | None:
+    async def key_by_id(self, key_id: str) -> ApiKey | None:
         """The key row with this id (a UUID), active or not; ``/explain`` names keys this way,
         never by the key itself."""
 

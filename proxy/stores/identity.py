@@ -96,7 +96,7 @@ class CachedIdentityStore:
     async def by_prefix(self, prefix: str) -> Sequence[ApiKey]:
         return await self.keys.get(prefix)
 
-    async def by_id(self, key_id: str) -> ApiKey | None:
+    async def key_by_id(self, key_id: str) -> ApiKey | None:
         """Uncached: asked by ``/explain`` only, which must see the row as it is now."""
         return await self.db.key_by_id(key_id)
 

@@ -73,7 +73,7 @@ class MemoryKeyStore:
     async def by_prefix(self, prefix: str) -> Sequence[ApiKey]:
         return self._by_prefix.get(prefix, ())
 
-    async def by_id(self, key_id: str) -> ApiKey | None:
+    async def key_by_id(self, key_id: str) -> ApiKey | None:
         return self._by_id.get(key_id.lower())
 
 
