@@ -25,12 +25,14 @@ from proxy.audit.jsonl import JsonlAuditSink
 from proxy.audit.postgres import PostgresAuditSink
 from proxy.background import Job, job_failures
 from proxy.connection import ConnectionGate, listen
+from proxy.core.forwarding import request_id
 from proxy.core.hosts import BadHost, is_platform_name, normalize_host
 from proxy.domains.service import start_verifier
-from proxy.errors import TenantStoreUnavailable
+from proxy.errors import BadRequest, TenantStoreUnavailable
 from proxy.pipeline.audit import AuditStage
 from proxy.pipeline.auth import auth_stage, open_stage
-from proxy.pipeline.entry import expect_handler
+from proxy.pipeline.entry import error_response, expect_handler
+from proxy.pipeline.explain import Explainer, parse_query
 from proxy.pipeline.forward import Forwarder
 from proxy.pipeline.plan import Pipeline, Planner
 from proxy.pipeline.quota import QuotaStage
@@ -69,6 +71,7 @@ log = logging.getLogger("proxy")
 ROUTING = web.AppKey("routing", Routing)
 TELEMETRY = web.AppKey("telemetry", Telemetry)
 PIPELINE = web.AppKey("pipeline", Pipeline)
+EXPLAINER = web.AppKey("explainer", Explainer)
 
 
 def store_metrics(stores: Stores) -> Callable[[], Iterable[Metric]]:
@@ -365,6 +368,17 @@ def build_app(
     app = web.Application()
     app[ROUTING] = routing
     app[PIPELINE] = pipeline
+    app[EXPLAINER] = Explainer(
+        tenants=stores.tenants,
+        keys=stores.keys,
+        challenges=stores.challenges,
+        buckets=stores.buckets,
+        quotas=stores.quotas,
+        platform_domains=platform_domains,
+        ratelimit=ratelimit,
+        route_for=pipeline.route_for,
+        clock=clock,
+    )
     app[TELEMETRY] = telemetry
     telemetry.collect_from(store_metrics(stores))
     telemetry.collect_from(pool_metrics(routing))
@@ -394,6 +408,7 @@ def build_admin_app(
     draining: asyncio.Event | None = None,
     telemetry: Telemetry | None = None,
     workers: WorkerSet | None = None,
+    explainer: Explainer | None = None,
 ) -> web.Application:
     """The admin listener: never on the public port (CONTRACT §10). ``/readyz`` turns 503 as
     soon as a drain starts, so load balancers stop sending before the listener closes."""
@@ -432,7 +447,18 @@ def build_admin_app(
             body = await all_workers(workers, body)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def explain(request: web.Request) -> web.Response:
+        """What the public listener would answer (CONTRACT §10, ``pipeline.explain``)."""
+        assert explainer is not None
+        try:
+            query = parse_query(request.query, request.remote or "")
+        except BadRequest as e:
+            return error_response(e, request_id(None))
+        return web.json_response(await explainer.explain(query))
+
     admin = web.Application()
+    if explainer is not None:
+        admin.router.add_get("/explain", explain)
     admin.router.add_get("/healthz", healthz)
     admin.router.add_get("/metrics", metrics)
     admin.router.add_get("/readyz", readyz)
@@ -474,7 +500,14 @@ async def serve(
     draining = asyncio.Event()
     telemetry = app[TELEMETRY]
     admin = web.AppRunner(
-        build_admin_app(stores, settings.tenancy.platform_domains, draining, telemetry, workers),
+        build_admin_app(
+            stores,
+            settings.tenancy.platform_domains,
+            draining,
+            telemetry,
+            workers,
+            app[EXPLAINER],
+        ),
         access_log=None,
     )
     await runner.setup()

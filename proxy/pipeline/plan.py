@@ -134,6 +134,11 @@ class Pipeline:
         snapshot = self._routing.current
         self._current = (snapshot, RouteTable(self._planner.plan(r) for r in snapshot.table))
 
+    def route_for(self, path: str) -> RouteSettings | None:
+        """The route a request for ``path`` takes under the routing in force (``/explain``)."""
+        plan = self._current[1].match(path)
+        return None if plan is None else plan.route
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         ctx = new_context(request, self._trusted, loop.time())
