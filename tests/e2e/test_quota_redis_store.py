@@ -266,9 +266,7 @@ async def _contents(raw: aioredis.Redis) -> dict[bytes, object]:
     for key in await raw.keys("*"):
         kind = await raw.type(key)
         value = (
-            await raw.zrange(key, 0, -1, withscores=True)
-            if kind == b"zset"
-            else await raw.get(key)
+            await raw.zrange(key, 0, -1, withscores=True) if kind == b"zset" else await raw.get(key)
         )
         out[key] = (value, await raw.ttl(key))
     return out
