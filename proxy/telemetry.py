@@ -206,10 +206,17 @@ class Telemetry:
     def upstream_error(self, upstream: str, kind: str) -> None:
         self._upstream_errors.labels(upstream, kind).inc()
 
+    def webhook_outcomes(self, outcomes: Iterable[str]) -> None:
+        """Expose each outcome's attempt count at zero before its first attempt: a series that
+        appears only with its first increment hides that first increase from ``rate()`` and
+        leaves dashboards and alerts without a series to read (Prometheus instrumentation
+        practice: initialise the label values known in advance)."""
+        for outcome in outcomes:
+            self._webhook_attempts.labels(outcome)
+
     def webhook_attempt(self, outcome: str, seconds: float | None) -> None:
-        """``outcome``: success, http_error, timeout, connection_failed,
-        destination_not_allowed (a bounded set: never the status or the URL); ``seconds``
-        None when nothing was sent."""
+        """``outcome``: one of ``webhooks.dispatcher.ATTEMPT_OUTCOMES``; ``seconds`` None when
+        nothing was sent."""
         self._webhook_attempts.labels(outcome).inc()
         if seconds is not None:
             self._webhook_latency.observe(seconds)

@@ -44,6 +44,17 @@ POLL_S = 1.0
 _MIN_WAIT_S = 0.05
 
 
+# Every value of edge_webhook_attempts_total's ``outcome`` label (a bounded set: never the
+# status or the URL), exposed at zero before the first attempt of each.
+ATTEMPT_OUTCOMES = (
+    "success",
+    "http_error",
+    "timeout",
+    "connection_failed",
+    "destination_not_allowed",
+)
+
+
 def outcome_label(error: str | None) -> str:
     if error is None:
         return "success"

@@ -26,7 +26,7 @@ from proxy.settings import Settings, WebhookSettings
 from proxy.stores.postgres import DB_ERRORS, ChangeListener, close_pool, create_pool
 from proxy.telemetry import Telemetry, gauge
 from proxy.webhooks.destinations import GuardedResolver, Policy
-from proxy.webhooks.dispatcher import POLL_S, Dispatcher
+from proxy.webhooks.dispatcher import ATTEMPT_OUTCOMES, POLL_S, Dispatcher
 from proxy.webhooks.store import NOTIFY_CHANNEL, DeliveryStore
 
 log = logging.getLogger("proxy.webhooks")
@@ -70,6 +70,7 @@ class WebhookJobs:
         self.disabled = 0
         if telemetry is not None:
             telemetry.collect_from(self._metrics)
+            telemetry.webhook_outcomes(ATTEMPT_OUTCOMES)
 
     @property
     def jobs(self) -> list[Job]:

@@ -13,9 +13,11 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from proxy.settings import WebhookSettings
+from proxy.settings import TelemetrySettings, WebhookSettings
+from proxy.telemetry import Telemetry
 from proxy.webhooks.destinations import Policy
-from proxy.webhooks.dispatcher import Dispatcher
+from proxy.webhooks.dispatcher import ATTEMPT_OUTCOMES, Dispatcher, outcome_label
+from proxy.webhooks.runner import WebhookJobs
 from proxy.webhooks.store import Claim, Outcome, Recorded
 from tests.e2e.webhooks import LOOPBACK, Receiver, receiving
 
@@ -108,6 +110,30 @@ def dispatcher(store: FakeStore, session: aiohttp.ClientSession, **settings: Any
         random=lambda: 0.5,
         poll_s=30,
     )
+
+
+@pytest.mark.parametrize(
+    ("error", "label"),
+    [
+        (None, "success"),
+        ("http_500", "http_error"),
+        ("http_404", "http_error"),
+        ("timeout", "timeout"),
+        ("connection_failed", "connection_failed"),
+        ("destination_not_allowed", "destination_not_allowed"),
+    ],
+)
+def test_outcome_labels_are_the_known_set(error: str | None, label: str) -> None:
+    assert outcome_label(error) == label
+    assert label in ATTEMPT_OUTCOMES
+
+
+def test_every_attempt_outcome_is_exposed_at_zero_before_any_attempt() -> None:
+    telemetry = Telemetry(TelemetrySettings())
+    WebhookJobs("postgresql://127.0.0.1:1/none", SETTINGS, telemetry=telemetry)
+    text = telemetry.exposition().decode()
+    for outcome in ATTEMPT_OUTCOMES:
+        assert f'edge_webhook_attempts_total{{outcome="{outcome}"}} 0.0' in text
 
 
 async def test_claims_within_the_caps_and_records_each_outcome(
