@@ -48,8 +48,8 @@ def ratio(part: str, whole: str) -> str:
     return f"{part} / {whole}"
 
 
-def quantile(q: float, by: str) -> str:
-    buckets = rate("edge_request_duration_seconds_bucket", f"le, {by}")
+def quantile(q: float, by: str, histogram: str = "edge_request_duration_seconds") -> str:
+    buckets = rate(f"{histogram}_bucket", f"le, {by}" if by else "le")
     return f"histogram_quantile({q}, {buckets})"
 
 
@@ -153,6 +153,97 @@ ROWS: tuple[Row, ...] = (
                 "Store errors",
                 ((rate("edge_store_errors_total", "store"), "{{store}}"),),
                 "ops",
+            ),
+            Panel(
+                "Miss-budget refusals",
+                (
+                    (
+                        rate("edge_miss_budget_refusals_total", PER_PROCESS),
+                        "{{instance}} {{worker}}",
+                    ),
+                ),
+                "ops",
+                "Uncached lookups over tenancy.max_miss_lookups_per_s, answered 503 "
+                "tenant_store_unavailable: a flood of unknown hosts or key prefixes.",
+            ),
+            Panel(
+                "Unknown names remembered",
+                (
+                    (
+                        f"sum by ({PER_PROCESS}) (edge_cache_negative_entries)",
+                        "{{instance}} {{worker}}",
+                    ),
+                ),
+                "short",
+                "Misses cached apart from the known tenants and keys.",
+            ),
+        ),
+    ),
+    Row(
+        "Render quota",
+        (
+            Panel(
+                "Quota decisions",
+                ((rate("edge_quota_decisions_total", "decision"), "{{decision}}"),),
+                "ops",
+                "Metered POSTs. degraded_*: decided in process while Redis did not answer; "
+                "unavailable: answered 503.",
+            ),
+            Panel(
+                "Quota units kept or given back",
+                ((rate("edge_quota_settlements_total", "outcome"), "{{outcome}}"),),
+                "ops",
+                "kept: the upstream's answer began with a 2xx; given_back: anything else "
+                "(refused, failed, client gone).",
+            ),
+            Panel(
+                "Month counts rebuilt",
+                ((rate("edge_quota_rebuilds_total", PER_PROCESS), "{{instance}} {{worker}}"),),
+                "ops",
+                "Counts missing from the quota store, rebuilt from renders_started.",
+            ),
+        ),
+    ),
+    Row(
+        "Webhooks",
+        (
+            Panel(
+                "Attempts by outcome",
+                ((rate("edge_webhook_attempts_total", "outcome"), "{{outcome}}"),),
+                "ops",
+            ),
+            Panel(
+                "Attempt latency p50 / p99",
+                (
+                    (quantile(0.5, "", "edge_webhook_attempt_duration_seconds"), "p50"),
+                    (quantile(0.99, "", "edge_webhook_attempt_duration_seconds"), "p99"),
+                ),
+                "s",
+                "From sending the request to the receiver's answer (or the failure).",
+            ),
+            Panel(
+                "Backlog: attempts due and not yet made",
+                (("max(edge_webhook_attempts_due)", "due"),),
+                "short",
+                "A figure of the whole deployment, reported alike by every process "
+                "(hence max, not sum). It should stay near 0.",
+            ),
+            Panel(
+                "Disabled webhooks",
+                (("max(edge_webhooks_disabled)", "disabled"),),
+                "short",
+                "Webhooks disabled after webhooks.disable_after_failures failed attempts "
+                "in a row (whole deployment).",
+            ),
+            Panel(
+                "Attempts in flight",
+                (
+                    (
+                        f"sum by ({PER_PROCESS}) (edge_webhook_attempts_in_flight)",
+                        "{{instance}} {{worker}}",
+                    ),
+                ),
+                "short",
             ),
         ),
     ),

@@ -204,8 +204,11 @@ def live_metrics(
     postgres_server: PostgresServer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Exposition]:
-    """/metrics of a proxy with every store and two workers, after requests that make the
-    labelled series appear (a route answered, a dead upstream, a refused connection)."""
+    """/metrics of a proxy with every store, the domain verifier, the webhook dispatcher and
+    two workers, after requests that make the labelled series appear (a route answered, a
+    dead upstream, a refused connection). Series whose label values are known in advance
+    (limiter, quota, cache, audit, domain-check and webhook-attempt outcomes) are exposed at
+    zero from the start."""
 
     async def nothing(_conn: object) -> None:
         return None
@@ -222,6 +225,8 @@ def live_metrics(
             {"prefix": "/dead", "upstream": "dead", "auth": "none"},
         ],
         domains={"verify": True, "nameservers": [dns_server.address]},
+        # The default in database mode, said here: the webhook figures need the dispatcher.
+        sections={"webhooks": {"enabled": True}},
     )
     proxy = start_proxy(
         config,
