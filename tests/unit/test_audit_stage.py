@@ -1,28 +1,25 @@
-"""The audit stage records the answer the entry stage gives (CONTRACT §9): a contract error, one
-of aiohttp's own refusals mapped to the contract, and an unexpected exception (the proxy's own
-500) each leave a row whose status and code are what the client received."""
+"""The audit row records the answer the client gets (CONTRACT §9): a contract error, one of
+aiohttp's own refusals mapped to the contract, and an unexpected exception (the proxy's own
+500) each leave a row whose status and code are what the client received. Driven through the
+application's real plan, with the forwarding step replaced by one that raises."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from datetime import UTC, datetime
+import dataclasses
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
-from aiohttp.typedefs import Handler
+from aiohttp.test_utils import TestClient, TestServer
 
+from proxy.app import PIPELINE, build_app, build_stores
 from proxy.audit.record import AuditRecord
-from proxy.context import CTX
-from proxy.core.tenancy import Tenant
 from proxy.errors import UpstreamTimeout
-from proxy.pipeline.audit import audit_stage
-from proxy.pipeline.entry import entry_stage
-from proxy.settings import RouteSettings, TelemetrySettings
-from proxy.telemetry import Telemetry
+from proxy.settings import load_settings
+from tests.procs import ACME_ID, write_config
 
-AT = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
-TENANT = Tenant(id="dddddddd-0000-0000-0000-000000000001", slug="acme", status="Active")
+HOST = "videos.acme.test"
 
 
 class ListSink:
@@ -39,20 +36,11 @@ class ListSink:
         pass
 
 
-@web.middleware
-async def resolved(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """What the target, tenant and route stages leave on the context."""
-    ctx = request[CTX]
-    ctx.tenant, ctx.path = TENANT, request.path
-    ctx.route = RouteSettings(prefix="/", upstream="render-api", auth="none", audit=True)
-    return await handler(request)
-
-
-def raising(exc: Exception) -> Callable[[web.Request], object]:
-    async def handler(_request: web.Request) -> web.StreamResponse:
+def raising(exc: Exception) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def forward(_request: web.Request) -> web.StreamResponse:
         raise exc
 
-    return handler
+    return forward
 
 
 @pytest.mark.parametrize(
@@ -65,20 +53,22 @@ def raising(exc: Exception) -> Callable[[web.Request], object]:
     ],
 )
 async def test_the_row_says_what_the_client_was_answered(
-    aiohttp_client: Callable[[web.Application], TestClient],  # type: ignore[type-arg]
-    exc: Exception,
-    status: int,
-    code: str,
+    tmp_path: Path, exc: Exception, status: int, code: str
 ) -> None:
-    sink = ListSink()
-    telemetry = Telemetry(TelemetrySettings(access_log=False))
-    app = web.Application(
-        middlewares=[entry_stage((), telemetry, None), resolved, audit_stage(sink, lambda: AT)]
+    config = write_config(
+        tmp_path / "edge.toml",
+        upstreams={"render-api": {"urls": ["http://127.0.0.1:9"]}},
+        routes=[{"prefix": "/", "upstream": "render-api", "auth": "none", "audit": True}],
+        sections={"telemetry": {"access_log": False}},
     )
-    app.router.add_route("*", "/{tail:.*}", raising(exc))  # type: ignore[arg-type]
-    client = await aiohttp_client(app)  # type: ignore[misc]
-    response = await client.get("/v1/renders/1")
-    body = await response.json()
+    settings = load_settings({}, str(config))
+    sink = ListSink()
+    stores = dataclasses.replace(build_stores(settings), audit=sink)
+    app = build_app(settings, stores)
+    app[PIPELINE].forward = raising(exc)
+    async with TestClient(TestServer(app)) as client:
+        response = await client.get("/v1/renders/1", headers={"Host": HOST})
+        body = await response.json()
     assert (response.status, body["error"]["code"]) == (status, code)
     [row] = sink.rows
-    assert (row.status_code, row.error_message, row.tenant_id) == (status, code, TENANT.id)
+    assert (row.status_code, row.error_message, row.tenant_id) == (status, code, ACME_ID)
