@@ -36,14 +36,13 @@ def error_body(error: ProxyError, request_id: str) -> bytes:
 
 class Unauthorized(ProxyError):
     """A 401: RFC 6750 §3 (and RFC 9110 §15.5.2) make every one carry ``WWW-Authenticate``
-    naming the scheme. A request that presented a key that cannot be used gets
-    ``error="invalid_token"`` (RFC 6750 §3.1); one without a key gets the bare challenge."""
+    naming the scheme. CONTRACT §5 fixes its value to the bare ``Bearer`` for every 401 (RFC
+    6750 §3.1 makes the ``error`` parameter optional); the JSON body's code says why."""
 
     status = 401
-    challenge = 'Bearer error="invalid_token"'
 
     def __init__(self, message: str | None = None) -> None:
-        super().__init__(message, headers={"WWW-Authenticate": self.challenge})
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
 
 
 class BadRequest(ProxyError):
@@ -84,7 +83,6 @@ class ChallengeNotFound(ProxyError):
 
 class MissingApiKey(Unauthorized):
     code, message = "missing_api_key", "an API key is required"
-    challenge = "Bearer"  # RFC 6750 §3.1: no error code when no credentials were sent
 
 
 class InvalidApiKey(Unauthorized):
