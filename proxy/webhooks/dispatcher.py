@@ -26,6 +26,7 @@ from proxy.access_log import AccessLog
 from proxy.background import Job
 from proxy.core.backoff import backoff_s
 from proxy.core.schedules import webhook_retry_delay
+from proxy.read_capped import read_capped
 from proxy.settings import WebhookSettings
 from proxy.stores.postgres import DB_ERRORS
 from proxy.telemetry import Telemetry
@@ -214,12 +215,7 @@ class Dispatcher(Job):
             ) as response:
                 status = response.status
                 # The first bytes only: a receiver answering gigabytes costs us 16 KiB.
-                raw = bytearray()
-                while len(raw) < _READ_BYTES:
-                    chunk = await response.content.read(_READ_BYTES - len(raw))
-                    if not chunk:
-                        break
-                    raw += chunk
+                raw = await read_capped(response.content, _READ_BYTES)
                 text = raw.decode("utf-8", "replace").replace("\x00", "")[:RESPONSE_BODY_CHARS]
                 if not 200 <= status < 300:
                     error = f"http_{status}"
