@@ -160,6 +160,8 @@ class DomainsSettings:
     nameservers: tuple[HostPort, ...] = ()
     # How long a challenge made by `domains add` stays valid (7 days).
     challenge_ttl_s: float = 604_800.0
+    # Non-public networks HTTP_FILE checks may connect to anyway (CIDRs); by default none.
+    allow_networks: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -565,11 +567,17 @@ def _domains(t: _Table) -> DomainsSettings:
         d.nameservers,
         lambda: tuple(_nameserver(v, t.key("nameservers")) for v in names),
     )
+    networks = t.str_list("allow_networks", ())
     s = DomainsSettings(
         verify=t.flag("verify", d.verify),
         http_port=port,
         nameservers=nameservers,
         challenge_ttl_s=t.positive("challenge_ttl_s", d.challenge_ttl_s),
+        allow_networks=t.checked(
+            "allow_networks",
+            d.allow_networks,
+            lambda: tuple(_parse_cidr(c, t.key("allow_networks")) for c in networks),
+        ),
     )
     t.finish()
     return s

@@ -5,12 +5,17 @@
   everything. Redirects are not followed (ACME's http-01 follows them, RFC 8555 §8.3; here the
   answer must come from the host D points at, not from wherever it sends us); passes on a 200
   whose body, stripped of blanks, is the token.
+- HTTP_FILE connects only where ``domains.allow_networks`` or the webhooks' address policy
+  (``webhooks.destinations``: public unicast) allows: a reseller's DNS could otherwise point D
+  at the metadata service or a database on the edge's own network and make the verifier
+  probe it.
 - DNS_TXT: passes when one of the TXT strings at ``_flatrender-challenge.D`` is the token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from dataclasses import dataclass
 
 import aiohttp
@@ -18,6 +23,8 @@ from yarl import URL
 
 from proxy.domains.challenge import challenge_path, txt_name
 from proxy.domains.resolver import LookupFailed, Resolver
+from proxy.read_capped import read_capped
+from proxy.webhooks.destinations import Policy
 
 TIMEOUT_S = 5.0
 # The token is 43 characters; an answer much longer than that is not a challenge answer.
@@ -31,6 +38,8 @@ class Outcome:
 
 
 PASSED = Outcome(True)
+# Public unicast addresses only; http is the method's own scheme, so the scheme rule is moot.
+PUBLIC_ONLY = Policy(allow_http=True, allow_networks=())
 
 
 class Checker:
@@ -40,8 +49,11 @@ class Checker:
         resolver: Resolver,
         http_port: int,
         timeout_s: float = TIMEOUT_S,
+        *,
+        policy: Policy = PUBLIC_ONLY,
     ) -> None:
         self._session = session
+        self._policy = policy
         self._resolver = resolver
         self._port = http_port
         self._timeout = timeout_s
@@ -61,12 +73,15 @@ class Checker:
 
     async def _http_file(self, domain: str, token: str) -> Outcome:
         address = (await self._resolver.addresses(domain))[0]
+        # The address checked is the one connected to: a literal, with no second lookup.
+        if not self._policy.address_allowed(ipaddress.ip_address(address)):
+            return Outcome(False, "address_not_allowed")
         url = URL.build(scheme="http", host=address, port=self._port, path=challenge_path(token))
         try:
             async with self._session.get(
                 url, headers={"Host": domain}, allow_redirects=False
             ) as response:
-                body = await response.content.read(MAX_BODY_BYTES)
+                body = await read_capped(response.content, MAX_BODY_BYTES)
                 status = response.status
         except (aiohttp.ClientError, OSError):
             return Outcome(False, "connection_failed")

@@ -14,6 +14,7 @@ from proxy.domains.resolver import DnsResolver
 from proxy.domains.verifier import CONCURRENCY, DomainVerifier
 from proxy.settings import DomainsSettings, Settings
 from proxy.telemetry import Telemetry
+from proxy.webhooks.destinations import Policy
 
 
 @contextlib.asynccontextmanager
@@ -24,7 +25,12 @@ async def open_checker(domains: DomainsSettings) -> AsyncIterator[Checker]:
         auto_decompress=False,
     )
     try:
-        yield Checker(session, DnsResolver(domains.nameservers, TIMEOUT_S), domains.http_port)
+        yield Checker(
+            session,
+            DnsResolver(domains.nameservers, TIMEOUT_S),
+            domains.http_port,
+            policy=Policy(allow_http=True, allow_networks=domains.allow_networks),
+        )
     finally:
         await session.close()
 

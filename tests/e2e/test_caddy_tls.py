@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import shutil
 import ssl
@@ -26,6 +27,7 @@ import pytest
 from proxy.domains.checks import Checker, Outcome
 from proxy.domains.resolver import DnsResolver
 from proxy.settings import HostPort
+from proxy.webhooks.destinations import Policy
 from tests.dnsserver import LoopbackDns
 from tests.e2e.support import seeded_database, within
 from tests.procs import ROOT, Echo, Proxy, free_port, start_proxy, stop, wait_port, write_config
@@ -241,7 +243,10 @@ async def test_the_domain_challenge_passes_through_caddy_over_plain_http(
     dns_server.set(UNVERIFIED, "A", "127.0.0.1")
     async with aiohttp.ClientSession() as http:
         checker = Checker(
-            http, DnsResolver([HostPort("127.0.0.1", dns_server.port)], 5.0), caddy.http_port
+            http,
+            DnsResolver([HostPort("127.0.0.1", dns_server.port)], 5.0),
+            caddy.http_port,
+            policy=Policy(allow_http=True, allow_networks=[ipaddress.ip_network("127.0.0.0/8")]),
         )
         assert await checker.check("HTTP_FILE", UNVERIFIED, token) == Outcome(True)
         # Anything else on port 80 still goes to HTTPS.

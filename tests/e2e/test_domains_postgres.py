@@ -52,7 +52,12 @@ def _config(tmp: Path, echo: Echo, dns_server: LoopbackDns, port: int) -> Path:
     return write_config(
         tmp / "edge.toml",
         tenancy={"platform_domains": ["flatrender.test"]},
-        domains={"verify": True, "nameservers": [dns_server.address], "http_port": port},
+        domains={
+            "verify": True,
+            "nameservers": [dns_server.address],
+            "http_port": port,
+            "allow_networks": ["127.0.0.0/8"],
+        },
         upstreams={"render-api": {"urls": [echo.url]}},
         routes=[{"prefix": "/public", "upstream": "render-api", "auth": "none"}],
     )

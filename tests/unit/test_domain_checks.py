@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -18,9 +19,12 @@ from aiohttp.test_utils import TestServer
 from proxy.domains.checks import Checker, Outcome
 from proxy.domains.resolver import DnsResolver, LookupFailed
 from proxy.settings import HostPort
+from proxy.webhooks.destinations import Policy
 from tests.dnsserver import LoopbackDns
 
 TOKEN = "T0ken_With-Url-Safe-Chars_0123456789abcdefg"
+# What the tests' domains.allow_networks says: the loopback servers here are not public.
+LOOPBACK_ALLOWED = Policy(allow_http=True, allow_networks=[ipaddress.ip_network("127.0.0.0/8")])
 
 
 def _name() -> str:
@@ -122,7 +126,7 @@ async def make_checker(
     async with aiohttp.ClientSession() as session:
 
         def make(port: int, timeout_s: float = 5.0) -> Checker:
-            return Checker(session, resolver, port, timeout_s)
+            return Checker(session, resolver, port, timeout_s, policy=LOOPBACK_ALLOWED)
 
         yield make
 
@@ -177,6 +181,51 @@ async def test_http_file_failures(
     site["delay"] = 2.0
     outcome = await make_checker(site["port"], timeout_s=0.3).check("HTTP_FILE", slow, TOKEN)
     assert outcome == Outcome(False, "timeout")
+
+
+async def test_http_file_refuses_addresses_the_policy_does_not_allow(
+    dns_server: LoopbackDns, resolver: DnsResolver, site: dict[str, Any]
+) -> None:
+    """By default only public unicast addresses are checked (webhooks.destinations' policy):
+    a domain pointed at loopback, a private network or the metadata service is not probed."""
+    async with aiohttp.ClientSession() as session:
+        checker = Checker(session, resolver, site["port"])  # no allow_networks: the default
+        for address in ("127.0.0.1", "10.0.0.1", "169.254.169.254"):
+            domain = _name()
+            dns_server.set(domain, "A", address)
+            outcome = await checker.check("HTTP_FILE", domain, TOKEN)
+            assert outcome == Outcome(False, "address_not_allowed"), address
+    assert site["hosts"] == []  # nothing was sent
+
+
+async def test_http_file_reads_a_body_sent_in_several_writes(
+    dns_server: LoopbackDns, make_checker: Callable[..., Checker]
+) -> None:
+    """The token arrives in two TCP writes 100 ms apart (a raw server, so nothing coalesces
+    them): the check reads to the end of the body, not only what the first read returned."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        half = len(TOKEN) // 2
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(TOKEN), TOKEN[:half].encode())
+        )
+        await writer.drain()
+        await asyncio.sleep(0.1)  # a slow sender: the first half is read before the rest comes
+        writer.write(TOKEN[half:].encode())
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    domain = _name()
+    dns_server.set(domain, "A", "127.0.0.1")
+    try:
+        assert await make_checker(port).check("HTTP_FILE", domain, TOKEN) == Outcome(True)
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 # --------------------------------------------------------------------------- DNS_TXT

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ def test_defaults_are_the_contract_s() -> None:
     assert d.http_port == 80
     assert d.nameservers == ()  # the system resolver
     assert d.challenge_ttl_s == 7 * 86400
+    assert d.allow_networks == ()  # HTTP_FILE checks reach public unicast addresses only
 
 
 def test_every_key() -> None:
@@ -30,6 +32,7 @@ def test_every_key() -> None:
             "http_port": 8080,
             "nameservers": ["127.0.0.1:5353", "[::1]:53"],
             "challenge_ttl_s": 3600,
+            "allow_networks": ["127.0.0.0/8", "fd00::/8"],
         }
     )
     assert d == DomainsSettings(
@@ -37,6 +40,7 @@ def test_every_key() -> None:
         http_port=8080,
         nameservers=(HostPort("127.0.0.1", 5353), HostPort("::1", 53)),
         challenge_ttl_s=3600.0,
+        allow_networks=(ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("fd00::/8")),
     )
 
 
@@ -53,6 +57,8 @@ def test_every_key() -> None:
         ({"nameservers": ["127.0.0.1:0"]}, "domains.nameservers"),
         ({"challenge_ttl_s": 0}, "domains.challenge_ttl_s"),
         ({"challenge_ttl_s": -1}, "domains.challenge_ttl_s"),
+        ({"allow_networks": "127.0.0.0/8"}, "domains.allow_networks"),
+        ({"allow_networks": ["not-a-cidr"]}, "domains.allow_networks"),
         ({"verfy": True}, "domains.verfy"),  # a typo is an unknown key, not a default
     ],
 )
