@@ -223,7 +223,8 @@ class Stores:
     identity: CachedIdentityStore | None = None  # the Postgres-backed store, when configured
     limits: LimitCounters = field(default_factory=LimitCounters)
     quotas: QuotaStore = field(default_factory=MemoryQuotaStore)
-    # Jobs `serve` runs beside the stores (the webhook dispatcher's), for the failures metric.
+    # Jobs `serve` runs beside the stores (the webhook dispatcher's, the domain verifier), for
+    # the failures metric.
     more_jobs: list[Job] = field(default_factory=list)
 
     async def start(self) -> None:
@@ -553,7 +554,7 @@ async def serve(
         await webhooks.start()
         stores.more_jobs.extend(webhooks.jobs)
     log.warning("listening on %s, admin on %s (pid %d)", s.listen, s.admin_listen, os.getpid())
-    verifier = await start_verifier(settings, telemetry, utc_now)  # CONTRACT §12
+    verifier = await start_verifier(settings, telemetry, utc_now, stores.more_jobs)  # §12
     freeze_startup_objects()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

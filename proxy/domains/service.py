@@ -9,6 +9,7 @@ from datetime import datetime
 
 import aiohttp
 
+from proxy.background import Job
 from proxy.domains.checks import TIMEOUT_S, Checker
 from proxy.domains.resolver import DnsResolver
 from proxy.domains.verifier import CONCURRENCY, DomainVerifier
@@ -46,9 +47,10 @@ class RunningVerifier:
 
 
 async def start_verifier(
-    settings: Settings, telemetry: Telemetry, clock: Callable[[], datetime]
+    settings: Settings, telemetry: Telemetry, clock: Callable[[], datetime], jobs: list[Job]
 ) -> RunningVerifier | None:
-    """The verifier of this process, running; None unless database mode and ``domains.verify``."""
+    """The verifier of this process, running; None unless database mode and ``domains.verify``.
+    It joins ``jobs``, whose failures ``edge_background_job_failures`` counts."""
     if settings.database_url is None or not settings.domains.verify:
         return None
     stack = contextlib.AsyncExitStack()
@@ -57,5 +59,6 @@ async def start_verifier(
         settings.database_url, checker, clock, settings.tenancy.platform_domains
     )
     telemetry.collect_from(verifier.metrics)
+    jobs.append(verifier)
     verifier.start()
     return RunningVerifier(verifier, stack)

@@ -3,12 +3,22 @@ and counts (the real Postgres, DNS and HTTP are in tests/e2e/test_domains_postgr
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, cast
 
+import pytest
+
+from proxy.app import build_stores, store_metrics
 from proxy.domains.checks import Checker, Outcome
+from proxy.domains.service import start_verifier
 from proxy.domains.store import DomainStore, DueCheck
-from proxy.domains.verifier import LEASE, CheckCounters, CheckReport, run_pass
+from proxy.domains.verifier import LEASE, CheckCounters, CheckReport, DomainVerifier, run_pass
+from proxy.settings import parse_settings
+from proxy.telemetry import Telemetry
+from tests.e2e.support import within
 
 NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 PLATFORM = ("flatrender.test",)
@@ -124,3 +134,38 @@ async def test_a_check_that_raises_fails_its_row_and_the_rest_are_recorded() -> 
         ("2", True, None),
     ]
     assert store.recorded == [("1", False, NOW), ("2", True, NOW)]
+
+
+async def test_a_failing_verifier_is_counted_on_metrics(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``serve`` registers the verifier with the stores' jobs: its unexpected exceptions are
+    on /metrics as edge_background_job_failures, like every other background job's."""
+
+    async def broken(_self: DomainVerifier) -> None:
+        raise RuntimeError("a bug in the verifier")
+
+    monkeypatch.setattr(DomainVerifier, "run", broken)
+    embedded = parse_settings({}, {}, tmp_path / "edge.toml")
+    stores = build_stores(embedded)
+    telemetry = Telemetry(embedded.telemetry)
+    telemetry.collect_from(store_metrics(stores))
+    # Nothing is ever connected to: run() raises first.
+    database = replace(embedded, database_url="postgresql://127.0.0.1:1/none")
+    running = await start_verifier(database, telemetry, lambda: NOW, stores.more_jobs)
+    assert running is not None
+    try:
+
+        async def failed() -> bool:
+            return running.verifier.failures >= 1
+
+        await within(5.0, failed)
+        text = telemetry.exposition().decode()
+        counted = re.search(
+            r'^edge_background_job_failures_total\{background_job="domain-verifier"\} (\S+)$',
+            text,
+            re.MULTILINE,
+        )
+        assert counted is not None and float(counted.group(1)) >= 1
+    finally:
+        await running.close()
