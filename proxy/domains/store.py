@@ -7,6 +7,7 @@ command's. Times come from the caller's clock, so every process computes the sch
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -29,6 +30,12 @@ SELECT slug::text FROM identity.tenants WHERE custom_domain = $1::citext AND id 
 SET_TENANT_DOMAIN = """
 UPDATE identity.tenants SET custom_domain = $2::citext, domain_verified = false
  WHERE id = $1::uuid
+"""
+# The tenant's pending challenges for the domains it no longer wants: no longer checked, no
+# longer answered on the challenge path (§3), from the moment the new domain is set.
+EXPIRE_OTHER_CHALLENGES = """
+UPDATE identity.tenant_domain_verifications SET expires_at = now()
+ WHERE tenant_id = $1::uuid AND domain <> $2::citext AND NOT verified AND expires_at > now()
 """
 INSERT_VERIFICATION = """
 INSERT INTO identity.tenant_domain_verifications
@@ -109,6 +116,9 @@ class DueCheck:
 class DomainStore:
     def __init__(self, conn: asyncpg.Connection) -> None:
         self._conn = conn
+        # The verifier's checks record concurrently with its claims; a connection runs one
+        # statement (or transaction) at a time.
+        self._turn = asyncio.Lock()
 
     async def add(
         self,
@@ -123,7 +133,7 @@ class DomainStore:
         """Point the tenant at ``domain`` (unverified) and open a challenge, in one transaction;
         ``DomainRefused`` with nothing changed when the rules say no."""
         conn = self._conn
-        async with conn.transaction():
+        async with self._turn, conn.transaction():
             tenant = await conn.fetchrow(TENANT_FOR_UPDATE, tenant_slug)
             if tenant is None:
                 raise DomainRefused(f"--tenant: no tenant with slug {tenant_slug!r}")
@@ -144,6 +154,7 @@ class DomainStore:
                 raise DomainRefused(
                     f"--domain: {domain} is the custom domain of another tenant"
                 ) from None
+            await conn.execute(EXPIRE_OTHER_CHALLENGES, tenant["id"], domain)
             row_id = await conn.fetchval(
                 INSERT_VERIFICATION, tenant["id"], domain, method, token, expires_at
             )
@@ -154,7 +165,8 @@ class DomainStore:
     ) -> list[DueCheck]:
         """The unverified, unexpired rows that are due (or every one of ``domain``'s), each
         leased to the caller until ``lease_until``."""
-        rows = await self._conn.fetch(CLAIM_DUE, now, lease_until, domain, limit)
+        async with self._turn:
+            rows = await self._conn.fetch(CLAIM_DUE, now, lease_until, domain, limit)
         return [
             DueCheck(
                 r["id"], r["tenant_id"], r["domain"].lower(), r["method"], r["challenge_token"]
@@ -166,7 +178,7 @@ class DomainStore:
         """One check made at ``at``: count it, schedule the next, and on a pass verify the row
         and the tenant, all in one transaction (the tenant's NOTIFY then reaches every proxy)."""
         conn = self._conn
-        async with conn.transaction():
+        async with self._turn, conn.transaction():
             checks = await conn.fetchval(COUNT_CHECK, check.id)
             if checks is not None:
                 await conn.execute(SCHEDULE_NEXT, check.id, next_check_at(at, checks))

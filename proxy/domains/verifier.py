@@ -36,8 +36,8 @@ LOCK_KEY = 0x65646765646F6D73
 APPLICATION_NAME = "flatrender-edge-domain-verifier"  # visible in pg_stat_activity
 # A claimed row is due again after this if its checker never records the check (it died).
 LEASE = timedelta(seconds=60)
-PASS_LIMIT = 100  # rows per pass; the rest are due at the next pass, a second later
-CONCURRENCY = 16  # checks in flight at once
+PASS_LIMIT = 100  # rows per `domains check` pass; the rest are due at the next one
+CONCURRENCY = 16  # checks in flight at once, and rows the job claims at most
 STATEMENT_TIMEOUT_S = 10.0
 METHODS = ("HTTP_FILE", "DNS_TXT")
 OUTCOMES = ("passed", "failed")
@@ -82,6 +82,33 @@ class CheckReport:
         }
 
 
+async def check_and_record(
+    store: DomainStore,
+    checker: Checker,
+    clock: Callable[[], datetime],
+    platform_domains: tuple[str, ...],
+    counters: CheckCounters,
+    row: DueCheck,
+) -> CheckReport:
+    """Check one claimed row and record the check (the schedule's next time included)."""
+    if domain_refusal(row.domain, platform_domains) is not None:
+        # A row written by another client may name a host that must never be verified (§3).
+        outcome = Outcome(False, "domain_not_allowed")
+    else:
+        try:
+            outcome = await checker.check(row.method, row.domain, row.token)
+        except Exception:
+            # One row that breaks a check (a name another client wrote, a library's bug)
+            # must not keep the other rows' checks from being recorded.
+            log.exception("domain check of %s failed unexpectedly", row.domain)
+            outcome = Outcome(False, "check_failed")
+    await store.record(row, outcome.verified, clock())
+    counters.count(row.method, outcome)
+    if outcome.verified:
+        log.warning("custom domain %s verified (%s)", row.domain, row.method)
+    return CheckReport(row.id, row.domain, row.method, outcome.verified, outcome.error)
+
+
 async def run_pass(
     store: DomainStore,
     checker: Checker,
@@ -90,36 +117,18 @@ async def run_pass(
     counters: CheckCounters,
     domain: str | None = None,
 ) -> list[CheckReport]:
-    """Claim the rows that are due (with ``domain``: its pending rows whatever their schedule),
-    check them concurrently, record each check. Returns what was checked."""
+    """One pass, as ``domains check`` makes it: claim the rows that are due (with ``domain``:
+    its pending rows whatever their schedule), check them concurrently, record each check.
+    Returns what was checked, once every check is done."""
     now = clock()
     due = await store.claim_due(now, now + LEASE, domain, PASS_LIMIT)
-    if not due:
-        return []
     gate = asyncio.Semaphore(CONCURRENCY)
 
-    async def one(row: DueCheck) -> Outcome:
-        # A row written by another client may name a host that must never be verified (§3).
-        if domain_refusal(row.domain, platform_domains) is not None:
-            return Outcome(False, "domain_not_allowed")
+    async def one(row: DueCheck) -> CheckReport:
         async with gate:
-            try:
-                return await checker.check(row.method, row.domain, row.token)
-            except Exception:
-                # One row that breaks a check (a name another client wrote, a library's bug)
-                # must not keep the rest of the pass from being recorded.
-                log.exception("domain check of %s failed unexpectedly", row.domain)
-                return Outcome(False, "check_failed")
+            return await check_and_record(store, checker, clock, platform_domains, counters, row)
 
-    outcomes = await asyncio.gather(*(one(row) for row in due))
-    reports = []
-    for row, outcome in zip(due, outcomes, strict=True):
-        await store.record(row, outcome.verified, clock())
-        counters.count(row.method, outcome)
-        if outcome.verified:
-            log.warning("custom domain %s verified (%s)", row.domain, row.method)
-        reports.append(CheckReport(row.id, row.domain, row.method, outcome.verified, outcome.error))
-    return reports
+    return list(await asyncio.gather(*(one(row) for row in due)))
 
 
 class DomainVerifier(Job):
@@ -178,16 +187,58 @@ class DomainVerifier(Job):
                 if await self.sleep(self._interval):
                     return
             self.holding = True
-            store = DomainStore(conn)
-            while True:
-                await run_pass(store, self._checker, self._clock, self._platform, self.counters)
-                self.succeeded()
-                if await self.sleep(self._interval):
-                    return
+            await self._check_continuously(DomainStore(conn))
         finally:
             self.holding = False
             # Ends the session, and with it the lock, at once (no unlock round trip to wait for).
             conn.terminate()
+
+    async def _check_continuously(self, store: DomainStore) -> None:
+        """Claim every ``interval_s`` as many due rows as there are free slots, each checked by
+        a task of its own that records its own result: a row added now is checked within a
+        second or so, however long the checks already running take (5 s for a black hole)."""
+        running: set[asyncio.Task[CheckReport]] = set()
+
+        def finished(task: asyncio.Task[CheckReport]) -> None:
+            running.discard(task)
+            if task.cancelled() or task.exception() is None:
+                return
+            error = task.exception()
+            if isinstance(error, DB_ERRORS):
+                # The claim that follows meets the same outage and reconnects; the row's
+                # lease makes it due again.
+                log.warning("domain verifier: a check was not recorded (%s)", type(error).__name__)
+            else:
+                self.failures += 1
+                log.error("domain verifier: recording a check failed", exc_info=error)
+
+        try:
+            while True:
+                free = CONCURRENCY - len(running)
+                if free > 0:
+                    now = self._clock()
+                    for row in await store.claim_due(now, now + LEASE, None, free):
+                        task = asyncio.create_task(
+                            check_and_record(
+                                store,
+                                self._checker,
+                                self._clock,
+                                self._platform,
+                                self.counters,
+                                row,
+                            )
+                        )
+                        running.add(task)
+                        task.add_done_callback(finished)
+                self.succeeded()
+                if await self.sleep(self._interval):
+                    return
+        finally:
+            # Stopping or reconnecting: checks cut short are due again when their lease ends.
+            tasks = list(running)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def metrics(self) -> Iterator[Metric]:
         yield from self.counters.metrics()

@@ -263,8 +263,9 @@ async def test_two_proxies_check_a_row_no_more_often_than_its_schedule(
             return dns_server.count(txt, "TXT") >= n
 
         await within(3.0, lambda: queries(1))
-        # Three seconds: three passes of whichever proxy checks, and waits of the other.
-        await asyncio.sleep(3.0)
+        # A row due now, added after that check: once it has been checked, the checker has
+        # claimed again since, and the first row was not due.
+        await _checker_claimed_again(dns_server, db)
         assert dns_server.count(txt, "TXT") == 1
         first = await _row(db, row_id)
         assert first["checks"] == 1
@@ -277,13 +278,133 @@ async def test_two_proxies_check_a_row_no_more_often_than_its_schedule(
             row_id,
         )
         await within(3.0, lambda: queries(2))
-        await asyncio.sleep(3.0)
+        await _checker_claimed_again(dns_server, db)
         assert dns_server.count(txt, "TXT") == 2
         again = await _row(db, row_id)
         assert again["checks"] == 2
         assert again["next_check_at"] - again["last_checked_at"] == timedelta(seconds=90)
     finally:
         stop(second.proc)
+
+
+async def _checker_claimed_again(dns_server: LoopbackDns, db: asyncpg.Connection) -> None:
+    """Return once whichever proxy checks has claimed due rows again (twice, so that a claim
+    that was already under way when this was called does not count)."""
+    for _ in range(2):
+        probe = _domain()
+        await db.execute(
+            """INSERT INTO identity.tenant_domain_verifications
+               (tenant_id, domain, method, challenge_token, expires_at)
+               VALUES ($1, $2, 'DNS_TXT', 'probe', now() + interval '1 minute')""",
+            GLOBEX,
+            probe,
+        )
+
+        async def probed(name: str = probe) -> bool:
+            return dns_server.count(f"_flatrender-challenge.{name}", "TXT") == 1
+
+        await within(3.0, probed)
+
+
+async def test_a_new_row_is_checked_at_once_while_another_check_hangs(
+    proxy: Proxy, dns_server: LoopbackDns, db: asyncpg.Connection
+) -> None:
+    """§12 "at once after domains add (within 2 s)": a check that takes its whole 5 s (a host
+    that accepts and never answers) does not hold back the rows added meanwhile."""
+    accepted = asyncio.Event()
+    held: list[asyncio.StreamWriter] = []
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        accepted.set()
+        await reader.read()  # until the checker gives up
+
+    # Another loopback address, on the port HTTP_FILE checks use (the proxy's, on 127.0.0.1).
+    hole = await asyncio.start_server(never_answer, "127.0.0.2", proxy.port)
+    hole_id = None
+    try:
+        _, slug = await _tenant(db)
+        black_holed = _domain()
+        dns_server.set(black_holed, "A", "127.0.0.2")
+        code, out, err = await cli(
+            proxy, "domains", "add", "--tenant", slug, "--domain", black_holed
+        )
+        assert code == 0, err
+        hole_id = out[0]["id"]
+        await asyncio.wait_for(accepted.wait(), 5.0)  # its check is under way, and hangs
+
+        _, slug = await _tenant(db)
+        fresh = _domain()
+        code, out, err = await cli(
+            proxy, "domains", "add", "--tenant", slug, "--domain", fresh, "--method", "dns"
+        )
+        assert code == 0, err
+
+        async def checked() -> bool:
+            return (await _row(db, out[0]["id"]))["last_checked_at"] is not None
+
+        took = await within(2.0, checked)
+        print(f"checked {took:.2f}s after `domains add`, beside a hanging check")
+        assert (await _row(db, hole_id))["last_checked_at"] is None  # still hanging
+    finally:
+        for writer in held:
+            writer.close()
+        hole.close()
+        await hole.wait_closed()
+        if hole_id is not None:  # not to be checked again by later tests
+            await db.execute(
+                "UPDATE identity.tenant_domain_verifications SET expires_at = now()"
+                " WHERE id = $1::uuid",
+                hole_id,
+            )
+
+
+async def test_adding_a_new_domain_expires_the_tenants_other_pending_challenges(
+    proxy: Proxy, dns_server: LoopbackDns, db: asyncpg.Connection, http: aiohttp.ClientSession
+) -> None:
+    """A reseller that moves on to another domain leaves no challenge of the old one alive:
+    not checked any more, not answered on the challenge path (§3)."""
+    _, slug = await _tenant(db)
+    first, second = _domain(), _domain()
+    code, out, err = await cli(
+        proxy, "domains", "add", "--tenant", slug, "--domain", first, "--method", "dns"
+    )
+    assert code == 0, err
+    old = out[0]
+    code, out, err = await cli(proxy, "domains", "add", "--tenant", slug, "--domain", first)
+    assert code == 0, err
+    same_domain = out[0]
+
+    async def answers(domain: str, token: object) -> int:
+        path = f"/.well-known/flatrender-challenge/{token}"
+        async with http.get(f"{proxy.url}{path}", headers={"Host": domain}) as r:
+            return r.status
+
+    async def answered(domain: str, token: object) -> bool:
+        return await answers(domain, token) == 200
+
+    await within(1.0, lambda: answered(first, same_domain["token"]))
+
+    code, out, err = await cli(proxy, "domains", "add", "--tenant", slug, "--domain", second)
+    assert code == 0, err
+    rows = await db.fetch(
+        """SELECT v.id::text, v.expires_at <= now() AS expired
+             FROM identity.tenant_domain_verifications v
+             JOIN identity.tenants t ON t.id = v.tenant_id WHERE t.slug = $1""",
+        slug,
+    )
+    assert {r["id"]: r["expired"] for r in rows} == {
+        old["id"]: True,
+        same_domain["id"]: True,
+        out[0]["id"]: False,
+    }
+
+    async def refused() -> bool:
+        return await answers(first, same_domain["token"]) == 404
+
+    await within(1.0, refused)
+    code, printed, _ = await cli(proxy, "domains", "check", "--domain", first)
+    assert (code, printed) == (0, [])  # nothing left to check for the old domain
 
 
 def _holder(dsn_db: str, procs: list[Proxy], client_port: int) -> Proxy:
