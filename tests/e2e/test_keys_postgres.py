@@ -83,7 +83,12 @@ def _config(tmp: Path, echo: Echo, staging: Echo, flush_ms: int = 100) -> Path:
             {"prefix": "/v1/optional", "upstream": "render-api", "auth": "optional"},
         ],
     )
-    path.write_text(path.read_text() + f"\n[audit]\nflush_interval_ms = {flush_ms}\n")
+    # Key usage is flushed on the audit's short interval here, not the production 10 s, so that
+    # the batching test sees several flushes within its deadline.
+    path.write_text(
+        path.read_text()
+        + f"\n[audit]\nflush_interval_ms = {flush_ms}\nusage_flush_interval_s = {flush_ms / 1000}\n"
+    )
     return path
 
 
