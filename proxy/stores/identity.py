@@ -42,7 +42,7 @@ class CachedIdentityStore:
         max_entries: int = 100_000,
     ) -> None:
         self.db = PostgresStore(dsn, timeout_s=timeout_s)
-        self.budgeted = BudgetedLoads(max_miss_lookups_per_s, timeout_s)
+        self.budgeted = BudgetedLoads(max_miss_lookups_per_s, timeout_s, max_known=max_entries)
         self.freezer = GrowthFreezer()
 
         def cache(load: Callable[[_K], Awaitable[_V]]) -> LoadingCache[_K, _V]:

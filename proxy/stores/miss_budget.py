@@ -7,6 +7,12 @@ and is handed a token as one is given back or refills; one timer serves the whol
 flood of waiters costs one wake-up per token, not one per waiter. A waiter not served within
 ``timeout_s`` (``tenancy.store_timeout_s``) is refused: 503 ``tenant_store_unavailable`` with
 ``Retry-After: 1``; the query then has what is left of that time.
+
+A name a load has found is remembered (bounded, least recently found forgotten first) and
+bypasses the budget from then on, until a load finds it gone: a cache flush (a NOTIFY, the
+listener's reconnection) or an eviction during a flood then reloads known tenants and keys at
+once instead of queueing them behind the flood's waiters, so the budget never refuses them
+(CONTRACT §3). Only the database makes a name known, so a client cannot grow the bypass.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
+
+from cachetools import LRUCache
 
 from proxy.core.budget import MissBudget
 from proxy.errors import TenantStoreUnavailable
@@ -29,8 +37,11 @@ class BudgetedLoads:
         per_s: float,
         timeout_s: float,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        max_known: int = 100_000,
     ) -> None:
         self._clock = clock
+        self._max_known = max_known
         self._timeout = timeout_s
         self.budget = MissBudget(per_s, per_s, clock())
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -38,20 +49,26 @@ class BudgetedLoads:
         self.refusals = 0
 
     def wrap(self, load: Callable[[str], Awaitable[_V]]) -> Callable[[str], Awaitable[_V]]:
+        known: LRUCache[str, bool] = LRUCache(self._max_known)
+
         async def budgeted(key: str) -> _V:
-            started = self._clock()
-            await self._take()
-            try:
-                # Time spent queueing counts against the same store_timeout_s.
-                async with asyncio.timeout(self._timeout - (self._clock() - started)):
-                    value = await load(key)
-            except BaseException as e:
-                self._give_back()  # it never learnt whether the name exists
-                if isinstance(e, TimeoutError):
-                    raise TenantStoreUnavailable() from None
-                raise
+            if key in known:
+                value = await _within(self._timeout, load, key)
+            else:
+                started = self._clock()
+                await self._take()
+                try:
+                    # Time spent queueing counts against the same store_timeout_s.
+                    value = await _within(self._timeout - (self._clock() - started), load, key)
+                except BaseException:
+                    self._give_back()  # it never learnt whether the name exists
+                    raise
+                if value:
+                    self._give_back()
             if value:
-                self._give_back()
+                known[key] = True
+            else:
+                known.pop(key, None)  # gone: its next lookup is a client's guess again
             return value
 
         return budgeted
@@ -107,3 +124,11 @@ class BudgetedLoads:
     def _refilled(self) -> None:
         self._timer = None
         self._hand_over()
+
+
+async def _within(seconds: float, load: Callable[[str], Awaitable[_V]], key: str) -> _V:
+    try:
+        async with asyncio.timeout(seconds):
+            return await load(key)
+    except TimeoutError:
+        raise TenantStoreUnavailable() from None

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from proxy.errors import TenantStoreUnavailable
+from proxy.stores.cached import LoadingCache
 from proxy.stores.miss_budget import BudgetedLoads
 
 
@@ -125,3 +126,40 @@ async def test_queueing_and_querying_share_one_timeout() -> None:
         await budgeted("x")
     assert failed.value.headers == {}  # an outage, not the budget
     assert loads.budget.try_take(time.monotonic())  # its token was given back
+
+
+async def test_known_names_bypass_the_budget_after_a_flush_during_a_flood() -> None:
+    """A flood has spent the budget and its lookups are queued; then a NOTIFY or the listener's
+    reconnection flushes the cache. The tenant that was cached is loaded at once, not queued
+    behind the flood (CONTRACT §3: a flood never evicts a known tenant or key)."""
+    store = Store({"acme"})
+    loads = BudgetedLoads(per_s=2, timeout_s=30.0)
+    cache: LoadingCache[str, str | None] = LoadingCache(
+        loads.wrap(store.load), ttl_s=60.0, stale_if_error_s=300.0
+    )
+    assert await cache.get("acme") == "ACME"
+    assert await cache.get("x0") is None
+    assert await cache.get("x1") is None  # the budget is spent
+    flood = [asyncio.create_task(cache.get(f"flood{i}")) for i in range(20)]
+    await asyncio.sleep(0)  # the flood is queued for tokens
+    assert store.calls == ["acme", "x0", "x1"]
+    cache.clear()  # the flush
+    assert await cache.get("acme") == "ACME"  # not queued: the flood is still waiting
+    assert store.calls == ["acme", "x0", "x1", "acme"]
+    for task in flood:
+        task.cancel()
+    await asyncio.gather(*flood, return_exceptions=True)
+    await cache.close()
+
+
+async def test_a_known_name_that_is_gone_spends_the_budget_again() -> None:
+    store = Store({"acme"})
+    loads = BudgetedLoads(per_s=1, timeout_s=0.05)
+    budgeted = loads.wrap(store.load)
+    assert await budgeted("acme") == "ACME"
+    store.known.clear()  # the tenant was deleted
+    assert await budgeted("acme") is None  # known until now: no token needed to learn it
+    assert await budgeted("x") is None  # the one token, spent
+    with pytest.raises(TenantStoreUnavailable):
+        await budgeted("acme")  # a guess again, like any unknown name
+    assert loads.refusals == 1
