@@ -320,6 +320,7 @@ def build_stores(settings: Settings) -> Stores:
         stale_if_error_s=t.stale_if_error_s,
         timeout_s=t.store_timeout_s,
         max_miss_lookups_per_s=t.max_miss_lookups_per_s,
+        preload_max_entries=t.preload_max_entries,
     )
     usage = UsageRecorder(identity.db.write_usage, settings.audit.usage_flush_interval_s)
     audit_db = PostgresAuditSink(settings.database_url, settings.audit)

@@ -88,6 +88,9 @@ class TenancySettings:
     # Database lookups per second (burst as many) for Hosts and key prefixes that turn out not
     # to exist; beyond it an uncached lookup is 503 (CONTRACT §3).
     max_miss_lookups_per_s: int = 200
+    # Database mode: every host and key prefix is loaded at start-up (and kept by NOTIFY) when
+    # tenants + key prefixes are at most this many; above it (or 0), names are looked up on use.
+    preload_max_entries: int = 2_000_000
     # Embedded mode only (no DATABASE_URL): tenants and API keys come from this file.
     embedded_file: Path = Path("config/tenants.toml")
 
@@ -453,6 +456,12 @@ def _tenancy(t: _Table, base: Path) -> TenancySettings:
         stale_if_error_s=t.positive("stale_if_error_s", d.stale_if_error_s),
         store_timeout_s=t.positive("store_timeout_s", d.store_timeout_s),
         max_miss_lookups_per_s=t.positive_int("max_miss_lookups_per_s", d.max_miss_lookups_per_s),
+        preload_max_entries=t._get(
+            "preload_max_entries",
+            d.preload_max_entries,
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+            "a non-negative integer",
+        ),
         embedded_file=base / t.text("embedded_file", str(d.embedded_file)),
     )
     t.finish()

@@ -193,6 +193,10 @@ class LoadingCache(Generic[K, V]):
             jitter=self._jitter(),
         )
 
+    def prime(self, key: K, value: V) -> None:
+        """Store a value loaded elsewhere (a bulk preload), as a load would have."""
+        self._store(key, value)
+
     def peek(self, key: K) -> V | None:
         """The cached value, fresh or stale, without loading (None also when absent)."""
         entry = self._find(key)

@@ -24,6 +24,7 @@ from proxy.background import Job
 from proxy.core.apikeys import ApiKey
 from proxy.core.tenancy import Branding, Tenant
 from proxy.errors import TenantStoreUnavailable
+from proxy.stores.preload import PROGRESS_EVERY_ROWS
 from proxy.stores.usage import KeyUsage
 
 log = logging.getLogger("proxy.postgres")
@@ -65,6 +66,13 @@ SELECT id::text AS id, tenant_id::text AS tenant_id, environment::text AS enviro
 """
 KEYS_BY_PREFIX = _KEYS.format(where="key_prefix = $1")
 KEY_BY_ID = _KEYS.format(where="id = $1::uuid")
+
+ALL_TENANTS = _TENANT.format(where="true")
+PRELOAD_SIZE = """
+SELECT (SELECT count(*) FROM identity.tenants WHERE deleted_at IS NULL)
+     + (SELECT count(DISTINCT key_prefix) FROM identity.tenant_api_keys)
+"""
+ALL_PREFIXES = "SELECT DISTINCT key_prefix FROM identity.tenant_api_keys"
 
 # One statement per flush for every key used since the last one. last_used_* only move forward
 # (another proxy process may have written a later use already).
@@ -253,6 +261,37 @@ class PostgresStore:
                 [usage[i].last_used_ip for i in ids],
             )
         )
+
+    async def stream_names(
+        self,
+        max_entries: int,
+        on_tenant: Callable[[Tenant], None],
+        on_prefix: Callable[[str], None],
+    ) -> int | None:
+        """Every tenant and key prefix from one snapshot, streamed with a cursor on a
+        connection of its own (no statement timeout: 2,000,000 rows take a while); None,
+        having streamed nothing, when there are more than ``max_entries``. Raises one of
+        ``DB_ERRORS``."""
+        conn: asyncpg.Connection = await asyncpg.connect(self._dsn, timeout=self._timeout)
+        try:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                size: int = await conn.fetchval(PRELOAD_SIZE)
+                if size > max_entries:
+                    return None
+                n = 0
+                async for row in conn.cursor(ALL_TENANTS, prefetch=5000):
+                    on_tenant(_tenant(row))
+                    n += 1
+                    if n % PROGRESS_EVERY_ROWS == 0:
+                        log.info("preload: %d of %d names", n, size)
+                async for row in conn.cursor(ALL_PREFIXES, prefetch=20000):
+                    on_prefix(row[0])
+                    n += 1
+                    if n % PROGRESS_EVERY_ROWS == 0:
+                        log.info("preload: %d of %d names", n, size)
+                return n
+        finally:
+            conn.terminate()
 
     async def renders_in_month(self, tenant_id: str, first_day: date) -> int:
         n: int = await self._run(lambda c: c.fetchval(RENDERS_IN_MONTH, tenant_id, first_day))

@@ -64,7 +64,8 @@ def _config(tmp: Path, echo: Echo, staging: Echo, flush_ms: int = 100) -> Path:
     path = write_config(
         tmp / "edge.toml",
         server={"trusted_proxies": ["127.0.0.1/32"]},
-        tenancy={"platform_domains": ["flatrender.test"]},
+        # Names looked up on use (no preload): the per-prefix queries tested here.
+        tenancy={"platform_domains": ["flatrender.test"], "preload_max_entries": 0},
         upstreams={"render-api": {"urls": [echo.url]}, "staging": {"urls": [staging.url]}},
         routes=[
             {

@@ -45,7 +45,9 @@ def dsn(postgres_server: PostgresServer) -> str:
 def _config(tmp: Path, echo: Echo, **tenancy: object) -> Path:
     return write_config(
         tmp / "edge.toml",
-        tenancy={"platform_domains": ["flatrender.test"], **tenancy},
+        # Names looked up on use, as above tenancy.preload_max_entries: the caches, queries and
+        # stale serving tested here (test_preload_postgres.py: the names held in memory).
+        tenancy={"platform_domains": ["flatrender.test"], "preload_max_entries": 0, **tenancy},
         upstreams={"render-api": {"urls": [echo.url]}},
         routes=[
             {

@@ -64,7 +64,8 @@ def dsn(postgres_server: PostgresServer) -> str:
 def _config(tmp: Path, echo: Echo, **tenancy: object) -> Path:
     return write_config(
         tmp / "edge.toml",
-        tenancy={"platform_domains": PLATFORM, **tenancy},
+        # Names looked up on use (no preload): the miss budget and stale serving tested here.
+        tenancy={"platform_domains": PLATFORM, "preload_max_entries": 0, **tenancy},
         upstreams={"render-api": {"urls": [echo.url]}},
         routes=[
             {

@@ -65,6 +65,7 @@ def test_shipped_config_loads() -> None:
     assert s.tenancy.platform_domains == ("flatrender.test",)
     assert s.tenancy.embedded_file == Path("config/tenants.toml")
     assert s.tenancy.max_miss_lookups_per_s == 200
+    assert s.tenancy.preload_max_entries == 2_000_000
     assert s.ratelimit.failure_mode == "open"
     assert s.audit.flush_interval_ms == 500
     assert s.audit.spool_dir == Path("var/spool")
@@ -225,6 +226,8 @@ def test_trusted_proxies_accept_v4_v6_and_host_bits() -> None:
         (_with("tenancy.cache_ttl_s", -30), "tenancy.cache_ttl_s"),
         (_with("tenancy.max_miss_lookups_per_s", 0), "tenancy.max_miss_lookups_per_s"),
         (_with("tenancy.max_miss_lookups_per_s", 2.5), "tenancy.max_miss_lookups_per_s"),
+        (_with("tenancy.preload_max_entries", -1), "tenancy.preload_max_entries"),
+        (_with("tenancy.preload_max_entries", True), "tenancy.preload_max_entries"),
         # unknown keys (typos) at every level
         (_with("servr", {"listen": "0.0.0.0:8080"}), "servr"),
         (_with("database_url", "postgresql://x/y"), "database_url"),
