@@ -252,6 +252,17 @@ def test_bench_scale_write_bound_and_line() -> None:
     )
 
 
+def test_bench_scale_longest_gc_pause_between_two_readings() -> None:
+    bench_scale = _load("bench_scale")
+    inf = float("inf")
+    before = {0.001: 5.0, 0.01: 7.0, 0.02: 7.0, inf: 7.0}
+    # Since: 4 collections of at most 1 ms, 1 of 1-10 ms, 1 of 10-20 ms.
+    after = {0.001: 9.0, 0.01: 12.0, 0.02: 13.0, inf: 13.0}
+    assert bench_scale.longest_between(before, after) == 0.02
+    assert bench_scale.longest_between(before, before) == 0.0
+    assert bench_scale.longest_between(before, {**after, inf: 14.0}) == inf
+
+
 # -- every script compiles and imports -----------------------------------------------------------
 
 SCRIPTS = sorted(p.name for p in LOADTESTS.glob("*.py"))
