@@ -142,7 +142,9 @@ async def send_continue(request: web.BaseRequest, ctx: RequestContext) -> None:
 
 
 async def expect_handler(request: web.Request) -> None:
-    """``Expect`` handling for the catch-all route; aiohttp runs it before any middleware.
+    """``Expect`` handling for the catch-all route, which aiohttp's router runs before the
+    handler (for an application served by aiohttp's own runner: ``serve`` hands requests to
+    the pipeline without the router, and so without this).
 
     It answers nothing. aiohttp's default sends ``100 Continue`` at once, before any stage has
     looked at the request (``send_continue`` does it when the body is read), and answers any
