@@ -149,8 +149,8 @@ def run_wrk(wrk: str, url: str, seconds: int, connections: int, headers: list[st
     try:
         requests = int(re.search(r"(\d+) requests in ([\d.]+)(\w+)", out).group(1))  # type: ignore[union-attr]
         # anchored: "+/- Stdev" columns such as "84.50%" also end in "50%"
-        p50 = _ms(re.search(r"^\s+50%\s+(\S+)$", out, re.M).group(1))  # type: ignore[union-attr]
-        p99 = _ms(re.search(r"^\s+99%\s+(\S+)$", out, re.M).group(1))  # type: ignore[union-attr]
+        p50 = _ms(re.search(r"^\s+50%\s+(\S+)\s*$", out, re.M).group(1))  # type: ignore[union-attr]
+        p99 = _ms(re.search(r"^\s+99%\s+(\S+)\s*$", out, re.M).group(1))  # type: ignore[union-attr]
     except (AttributeError, ValueError) as exc:
         raise RuntimeError(f"cannot read wrk's output for {url}:\n{out}") from exc
     errors = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
