@@ -17,6 +17,10 @@ from proxy.background import Periodic
 from proxy.errors import TenantStoreUnavailable
 
 log = logging.getLogger("proxy.usage")
+# Keys per statement. Each write is bounded by the store's timeout (tenancy.store_timeout_s): a
+# backlog of tens of thousands of keys (a burst of new keys, an outage) in one statement missed
+# it every time on a loaded machine, and was never written; chunks of this size each fit.
+MAX_KEYS_PER_WRITE = 1000
 
 
 @dataclass(slots=True)
@@ -36,8 +40,10 @@ class UsageRecorder:
         self,
         write: Callable[[dict[str, KeyUsage]], Awaitable[None]],
         interval_s: float,
+        max_keys_per_write: int = MAX_KEYS_PER_WRITE,
     ) -> None:
         self._write = write
+        self._chunk = max_keys_per_write
         self._pending: dict[str, KeyUsage] = {}
         self.job = Periodic("key-usage", interval_s, self.flush)
 
@@ -52,17 +58,21 @@ class UsageRecorder:
         if not self._pending:
             return
         batch, self._pending = self._pending, {}
-        try:
-            await self._write(batch)
-        except TenantStoreUnavailable:
-            self._keep(batch)
-            log.warning("key usage not written (%d keys pending)", len(self._pending))
-        except BaseException:
-            # Anything else (a bug, or the job cancelled mid-write): the batch is not lost
-            # either. A cancelled write either committed or rolled back as a whole; keeping the
-            # batch may count it twice in the rare first case, never drop it.
-            self._keep(batch)
-            raise
+        keys = list(batch)
+        for start in range(0, len(keys), self._chunk):
+            chunk = {k: batch[k] for k in keys[start : start + self._chunk]}
+            try:
+                await self._write(chunk)
+            except TenantStoreUnavailable:
+                self._keep({k: batch[k] for k in keys[start:]})
+                log.warning("key usage not written (%d keys pending)", len(self._pending))
+                return
+            except BaseException:
+                # Anything else (a bug, or the job cancelled mid-write): what was not written
+                # is not lost either. A cancelled write either committed or rolled back as a
+                # whole; keeping it may count it twice in the rare first case, never drop it.
+                self._keep({k: batch[k] for k in keys[start:]})
+                raise
 
     def _keep(self, batch: dict[str, KeyUsage]) -> None:
         """Put a batch that was not written back in front of what accumulated since."""

@@ -272,3 +272,25 @@ async def test_a_key_used_many_times_between_flushes_is_one_row_of_one_write() -
     assert len(written) == 1
     assert {k: u.count for k, u in written[0].items()} == {"k1": 1000, "k2": 1}
     assert written[0]["k1"].last_used_at == datetime(2026, 12, 7, 12, 0, 59, tzinfo=UTC)
+
+
+async def test_a_large_backlog_is_written_in_chunks_and_only_the_unwritten_part_is_kept() -> None:
+    written: list[dict[str, KeyUsage]] = []
+    fail_from = 2  # the third write fails: an outage in the middle of a backlog
+
+    async def write(batch: dict[str, KeyUsage]) -> None:
+        if len(written) == fail_from:
+            raise TenantStoreUnavailable()
+        written.append(batch)
+
+    recorder = UsageRecorder(write, interval_s=3600, max_keys_per_write=10)
+    for i in range(45):
+        recorder.record(f"k{i}", AT, None)
+    await recorder.flush()
+    assert [len(b) for b in written] == [10, 10]
+    assert recorder.pending_keys == 25  # the 20 written are not kept: never counted twice
+    fail_from = -1
+    await recorder.flush()
+    assert [len(b) for b in written] == [10, 10, 10, 10, 5]
+    assert sorted(k for b in written for k in b) == sorted(f"k{i}" for i in range(45))
+    assert all(u.count == 1 for b in written for u in b.values())
