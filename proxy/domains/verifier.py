@@ -132,8 +132,8 @@ async def run_pass(
 
 
 class DomainVerifier(Job):
-    """The background job: takes the lock, then makes a pass every ``interval_s``; a process
-    that does not hold the lock tries again at the same pace."""
+    """The background job: takes the lock, then claims due rows every ``interval_s`` while
+    earlier checks run; a process that does not hold the lock tries again at the same pace."""
 
     def __init__(
         self,
