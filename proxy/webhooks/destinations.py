@@ -10,7 +10,9 @@ service (169.254.169.254), Postgres on loopback, or a host whose DNS answers a p
 - the connection goes to the address that was checked: ``GuardedResolver`` is the aiohttp
   connector's resolver, so the check and the connect use the same answer, with no second
   lookup in between. An IP literal in the URL never reaches a resolver (aiohttp connects to it
-  directly), so ``check_url`` checks it up front.
+  directly), so ``check_url`` checks it up front, as aiohttp will see it: the host of the
+  ``yarl.URL`` aiohttp builds, after IDNA/UTS 46 mapping (fullwidth digits become ASCII:
+  U+FF11 U+FF12 U+FF17 ".0.0.1" is 127.0.0.1), and by aiohttp's own test for "an IP literal".
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Sequence
-from urllib.parse import urlsplit
 
 from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.helpers import is_ip_address
+from yarl import URL
 
 from proxy.core.forwarding import IPNetwork
 
@@ -65,20 +68,25 @@ class Policy:
         return public_unicast(ip)
 
     def check_url(self, url: str) -> None:
-        """Scheme, and the host itself when it is an IP literal; names are checked when the
-        connector resolves them (``GuardedResolver``)."""
+        """Scheme, and the host itself when aiohttp will take it as an IP literal; names are
+        checked when the connector resolves them (``GuardedResolver``)."""
         try:
-            parts = urlsplit(url)
-            host = parts.hostname
+            parts = URL(url)
+            host = parts.raw_host  # what aiohttp's connector connects to or resolves
             parts.port  # noqa: B018 - raises for a port that is not a number
-        except ValueError:
+        except (ValueError, TypeError, UnicodeError):
             raise DestinationNotAllowed("malformed URL") from None
         schemes = ("https", "http") if self.allow_http else ("https",)
         if parts.scheme not in schemes or not host:
             raise DestinationNotAllowed(f"scheme {parts.scheme!r} not allowed")
+        bare = host.rstrip(".")
         try:
-            literal = ipaddress.ip_address(host)
+            literal = ipaddress.ip_address(bare)
         except ValueError:
+            if is_ip_address(host):
+                # aiohttp would hand it to the socket as an address (0177.0.0.1, a zone
+                # index): a form that is not a plain literal is refused, not guessed at.
+                raise DestinationNotAllowed(f"address {host!r} not a plain IP literal") from None
             return
         if not self.address_allowed(literal):
             raise DestinationNotAllowed(f"address {literal} not allowed")

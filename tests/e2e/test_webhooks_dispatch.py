@@ -257,6 +257,8 @@ async def test_a_redirect_is_a_failure_and_is_not_followed(
     [
         ({"allow_networks": ()}, "http://127.0.0.1:{port}/hook"),  # a loopback literal
         ({"allow_networks": ()}, "http://hooks.reseller.test:{port}/hook"),  # resolves to it
+        # Fullwidth digits: aiohttp's URL maps them to 127.0.0.1 and connects there directly.
+        ({"allow_networks": ()}, "http://\uff11\uff12\uff17.\uff10.\uff10.\uff11:{port}/hook"),
         ({"allow_http": False}, "http://127.0.0.1:{port}/hook"),  # https only
     ],
 )

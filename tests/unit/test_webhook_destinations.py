@@ -69,6 +69,17 @@ def test_public_unicast(address: str, public: bool) -> None:
         ("https://93.184.216.34/x", False, (), True),
         ("https://host:notaport/x", False, (), False),
         ("https:///nohost", False, (), False),
+        # aiohttp connects to the host of its yarl.URL, which maps fullwidth (and other
+        # compatibility) digits to ASCII (UTS 46): judged as that address.
+        ("http://\uff11\uff12\uff17.\uff10.\uff10.\uff11:8080/x", True, (), False),
+        ("http://\u2460\u2461\u2466.0.0.1/x", True, (), False),  # circled digits
+        ("https://\uff11\uff16\uff19.254.169.254/x", False, (), False),
+        ("https://\uff19\uff13.184.216.34/x", False, (), True),
+        ("https://\uff11\uff12\uff17.0.0.1/x", False, LOOPBACK, True),
+        ("https://127.0.0.1./x", False, (), False),  # a trailing dot
+        ("https://0177.0.0.1/x", False, (), False),  # octal: not a plain literal
+        ("https://[fe80::1%25eth0]/x", False, (), False),  # a zone index
+        ("https://[::ffff:127.0.0.1]/x", False, (), False),
     ],
 )
 def test_check_url(url: str, allow_http: bool, networks: tuple[object, ...], allowed: bool) -> None:
