@@ -58,8 +58,10 @@ RETURNING d.id::text AS id, d.lease_token::text AS lease_token, d.webhook_id::te
 
 # One statement, so the attempt, the webhook's state, the next attempt and the ending of the
 # waiting ones of a webhook just disabled commit together. statement_timestamp() is the time
-# the attempt ended. Rows still leased to another attempt in flight are left to record their
-# own outcome; a failure disables only once (the first time the threshold is reached).
+# the attempt ended. Rows still leased (even past the lease) are left to their own attempt's
+# RECORD, or to END_CLAIMED when reclaimed: ending them here would wait on that attempt's row
+# lock while it waits on the webhook's, a deadlock. A failure disables only once (the first
+# time the threshold is reached).
 RECORD = """
 WITH done AS (
     UPDATE identity.tenant_webhook_deliveries
@@ -93,8 +95,7 @@ WITH done AS (
        SET next_retry_at = NULL, lease_token = NULL, error_message = 'webhook_disabled'
       FROM hook
      WHERE d.webhook_id = hook.id AND hook.disabled_at IS NOT NULL AND d.id <> $1
-       AND d.succeeded = false AND d.next_retry_at IS NOT NULL
-       AND (d.lease_token IS NULL OR d.next_retry_at <= clock_timestamp())
+       AND d.succeeded = false AND d.next_retry_at IS NOT NULL AND d.lease_token IS NULL
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM done) AS recorded,

@@ -10,6 +10,8 @@ import io
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 
 import asyncpg
@@ -20,7 +22,9 @@ from standardwebhooks.webhooks import Webhook
 
 from proxy.access_log import AccessLog
 from proxy.settings import TelemetrySettings
+from proxy.stores.postgres import create_pool
 from proxy.telemetry import Telemetry
+from proxy.webhooks.store import DeliveryStore, Outcome
 from tests.e2e.support import within
 from tests.e2e.test_cli import assert_one_line_error, run
 from tests.e2e.webhooks import (
@@ -432,9 +436,6 @@ async def test_metrics_spans_and_one_log_line_per_attempt(
 async def test_two_claims_never_share_a_row_and_respect_caps(
     db: asyncpg.Connection, migrated_dsn: str
 ) -> None:
-    from proxy.stores.postgres import create_pool
-    from proxy.webhooks.store import DeliveryStore
-
     tenant = await new_tenant(db)
     a = await add_webhook(db, tenant, "https://a.example/")
     b = await add_webhook(db, tenant, "https://b.example/")
@@ -453,14 +454,82 @@ async def test_two_claims_never_share_a_row_and_respect_caps(
         # The lease is a fencing token: once another claim holds the row, an old lease
         # records nothing.
         stale = replace(one[0], lease_token=str(uuid.uuid4()))
-        from proxy.webhooks.store import Outcome
-
         done = await store.record(stale, stale.url, Outcome(200, "", 1, None), None, 20)
         assert done.recorded is False
         done = await store.record(one[0], one[0].url, Outcome(200, "", 1, None), None, 20)
         assert done.recorded is True
     finally:
         await pool.close()
+
+
+@asynccontextmanager
+async def store_of(dsn: str) -> AsyncIterator[DeliveryStore]:
+    pool = await create_pool(dsn, timeout_s=5, max_size=4)
+    try:
+        yield DeliveryStore(pool, lease_s=30)
+    finally:
+        await pool.close()
+
+
+async def test_a_claim_skips_a_locked_row_without_waiting(
+    db: asyncpg.Connection, migrated_dsn: str
+) -> None:
+    tenant = await new_tenant(db)
+    hook = await add_webhook(db, tenant, "https://a.example/")
+    for _ in range(5):
+        await publish(db, tenant)
+    rows = await attempts(db, hook)
+    locked = str(rows[0]["id"])
+    holder = await asyncpg.connect(migrated_dsn)
+    try:
+        async with store_of(migrated_dsn) as store, holder.transaction():
+            # Another dispatcher's claim, mid-transaction, holds this row.
+            await holder.execute(
+                "SELECT 1 FROM identity.tenant_webhook_deliveries WHERE id = $1 FOR UPDATE",
+                locked,
+            )
+            got = await asyncio.wait_for(store.claim(100, {}, per_webhook=100), 5)
+    finally:
+        await holder.close()
+    assert sorted(c.id for c in got) == sorted(str(r["id"]) for r in rows[1:])
+
+
+async def test_disabling_does_not_wait_on_an_attempt_still_recording(
+    db: asyncpg.Connection, migrated_dsn: str
+) -> None:
+    tenant = await new_tenant(db)
+    await add_webhook(db, tenant, "https://a.example/")
+    await publish(db, tenant)
+    await publish(db, tenant)
+    holder = await asyncpg.connect(migrated_dsn)
+    try:
+        async with store_of(migrated_dsn) as store:
+            first, second = await store.claim(10, {}, per_webhook=10)
+            # The second attempt outlived its lease and its dispatcher is recording it now:
+            # it holds the row's lock (and would next wait for the webhook's).
+            await db.execute(
+                """UPDATE identity.tenant_webhook_deliveries
+                      SET next_retry_at = now() - interval '1 second' WHERE id = $1""",
+                second.id,
+            )
+            async with holder.transaction():
+                await holder.execute(
+                    "SELECT 1 FROM identity.tenant_webhook_deliveries WHERE id = $1 FOR UPDATE",
+                    second.id,
+                )
+                gone = Outcome(410, "", 1, "http_410")
+                done = await asyncio.wait_for(store.record(first, first.url, gone, None, 20), 5)
+            assert done.disabled_now and done.ended == 0
+            # Left to whoever reclaims it: ended there, not made.
+            (again,) = await store.claim(10, {}, per_webhook=10)
+            assert again.id == second.id and not again.deliverable
+            await store.end_claimed(again)
+    finally:
+        await holder.close()
+    row = await db.fetchrow(
+        "SELECT * FROM identity.tenant_webhook_deliveries WHERE id = $1", second.id
+    )
+    assert row["next_retry_at"] is None and row["error_message"] == "webhook_disabled"
 
 
 async def test_retention_deletes_old_events_and_finished_attempts(
