@@ -288,6 +288,11 @@ class _Table:
             return default
         return value
 
+    def value(self, name: str, default: _T, check: Callable[[Any], bool], what: str) -> Any:
+        """The value of ``name`` when ``check`` accepts it, else ``default`` (and a problem
+        unless it is absent): the typed getters' shape, for a type they do not cover."""
+        return self._get(name, default, check, what)
+
     def text(self, name: str, default: str) -> str:
         value: str = self._get(name, default, lambda v: isinstance(v, str) and v != "", "a string")
         return value
@@ -337,6 +342,10 @@ class _Table:
         """Record every key of the table that nothing read."""
         for name in sorted(set(self._data) - self._seen):
             self.problem(name, "unknown key")
+
+
+# The same reader for the embedded tenants file (stores.memory): every problem, unknown keys too.
+Table = _Table
 
 
 def parse_host_port(value: str, key: str) -> HostPort:

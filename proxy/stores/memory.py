@@ -1,8 +1,9 @@
 """The embedded default: tenants and API keys from a TOML file, held in memory.
 
 Used when ``DATABASE_URL`` is unset and by unit tests of stages. Keys are stored as in the
-database (prefix, SHA-256 hex, last four), never in clear. The file is validated as strictly as
-the main configuration: a bad entry is a ``ConfigError`` naming it.
+database (prefix, SHA-256 hex, last four), never in clear. The file is read with the main
+configuration's reader (``settings.Table``): every problem at once, one line each naming the
+key, and an unknown key is a problem (a misspelt ``monthly_render_qty`` would mean no quota).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from proxy.core.apikeys import PREFIX_LEN, ApiKey
 from proxy.core.tenancy import Branding, Tenant
-from proxy.settings import ConfigError
+from proxy.settings import ConfigError, Table
 from proxy.stores.base import TenantKind
 
 _STATUSES = ("Active", "Trial", "Suspended", "Cancelled")
@@ -77,111 +78,120 @@ class MemoryKeyStore:
         return self._by_id.get(key_id.lower())
 
 
-def _get(row: dict[str, Any], name: str, kind: type | tuple[type, ...], where: str) -> Any:
-    value = row.get(name)
-    if value is not None and not isinstance(value, kind):
-        raise ConfigError(f"{where}.{name}: wrong type {type(value).__name__}")
+def _required(t: Table, name: str) -> str:
+    value = t.text(name, "")
+    if not value:
+        t.problem(name, "required string")  # no second line when text() found a wrong type
     return value
 
 
-def _strings(row: dict[str, Any], name: str, where: str) -> tuple[str, ...] | None:
+def _strings(t: Table, name: str) -> tuple[str, ...] | None:
     """A list of strings, or None when absent: ``scopes = [1]`` would otherwise load and then
     fail on every request, and ``allowed_ips = [5]`` would silently mean 0.0.0.5/32."""
-    value = _get(row, name, list, where)
-    if value is not None and not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{where}.{name}: expected a list of strings")
+    value = t.value(name, None, _is_str_list, "a list of strings")
     return None if value is None else tuple(value)
 
 
-def _tables(data: dict[str, Any], name: str, where: str) -> list[dict[str, Any]]:
-    """``[[name]]`` entries; ``[name]`` (one table) or ``name = [1]`` is a ConfigError."""
-    value = data.get(name, [])
-    if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
-        raise ConfigError(f"{where}{name}: expected an array of tables ([[{name}]])")
-    return value
+def _is_str_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
-def _time(row: dict[str, Any], name: str, where: str) -> datetime | None:
-    value = _get(row, name, (datetime, str), where)
+def _time(t: Table, name: str) -> datetime | None:
+    value = t.value(name, None, lambda v: isinstance(v, datetime | str), "an ISO 8601 time")
     if isinstance(value, str):
         try:
             value = datetime.fromisoformat(value)
         except ValueError:
-            raise ConfigError(f"{where}.{name}: not an ISO 8601 time") from None
+            t.problem(name, "not an ISO 8601 time")
+            return None
     if value is not None and value.tzinfo is None:
-        raise ConfigError(f"{where}.{name}: needs a UTC offset")
+        t.problem(name, "needs a UTC offset")
+        return None
     result: datetime | None = value
     return result
 
 
-def _tenant(row: dict[str, Any], where: str) -> Tenant:
-    for name in ("id", "slug"):
-        if not isinstance(row.get(name), str):
-            raise ConfigError(f"{where}.{name}: required string")
-    status = row.get("status", "Active")
-    if status not in _STATUSES:
-        raise ConfigError(f"{where}.status: expected one of {', '.join(_STATUSES)}")
-    branding = _get(row, "branding", dict, where)
-    quota = _get(row, "monthly_render_qty", int, where)
-    if isinstance(quota, bool) or (quota is not None and quota < 0):
-        raise ConfigError(f"{where}.monthly_render_qty: expected a non-negative integer")
-    return Tenant(
-        id=row["id"],
-        slug=row["slug"].lower(),
-        status=status,
-        custom_domain=(_get(row, "custom_domain", str, where) or "").lower() or None,
-        domain_verified=bool(_get(row, "domain_verified", bool, where)),
-        allowed_origins=_strings(row, "allowed_origins", where) or (),
-        trial_ends_at=_time(row, "trial_ends_at", where),
-        branding=Branding(
-            embed_enabled=bool(branding.get("embed_enabled", False)),
-            embed_allowed_hosts=_strings(branding, "embed_allowed_hosts", f"{where}.branding")
-            or (),
+def _tables(root: Table, data: dict[str, Any], name: str) -> list[Table]:
+    """``[[name]]`` entries; ``[name]`` (one table) or ``name = [1]`` is a problem."""
+    root.mark_seen(name)
+    value = data.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
+        root.problem(name, f"expected an array of tables ([[{name}]])")
+        return []
+    return [Table(row, f"{name}[{i}]", root.problems) for i, row in enumerate(value)]
+
+
+def _tenant(t: Table) -> Tenant:
+    tenant_id, slug = _required(t, "id"), _required(t, "slug")
+    status = t.value("status", "Active", lambda v: v in _STATUSES, f"one of {', '.join(_STATUSES)}")
+    quota = t.value(
+        "monthly_render_qty",
+        None,
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "a non-negative integer",
+    )
+    branding = None
+    if "branding" in t.names():
+        b = t.table("branding")
+        branding = Branding(
+            embed_enabled=b.flag("embed_enabled", False),
+            embed_allowed_hosts=_strings(b, "embed_allowed_hosts") or (),
         )
-        if branding is not None
-        else None,
-        features=_get(row, "features", dict, where) or {},
+        b.finish()
+    tenant = Tenant(
+        id=tenant_id,
+        slug=slug.lower(),
+        status=status,
+        custom_domain=t.value("custom_domain", "", lambda v: isinstance(v, str), "a string").lower()
+        or None,
+        domain_verified=t.flag("domain_verified", False),
+        allowed_origins=_strings(t, "allowed_origins") or (),
+        trial_ends_at=_time(t, "trial_ends_at"),
+        branding=branding,
+        # Free-form by design (the platform's tenants.features column): no keys to check.
+        features=t.value("features", {}, lambda v: isinstance(v, dict), "a table"),
         monthly_render_qty=quota,
     )
+    t.finish()
+    return tenant
 
 
-def _key(row: dict[str, Any], where: str, tenant_ids: dict[str, str]) -> ApiKey:
-    for name in ("id", "tenant", "key_prefix", "key_hash"):
-        if not isinstance(row.get(name), str):
-            raise ConfigError(f"{where}.{name}: required string")
-    if row["tenant"] not in tenant_ids:
-        raise ConfigError(f"{where}.tenant: unknown tenant slug {row['tenant']!r}")
-    prefix, digest = row["key_prefix"], row["key_hash"].lower()
-    if len(prefix) != PREFIX_LEN or not prefix.startswith(("fr_live_", "fr_test_")):
-        raise ConfigError(f"{where}.key_prefix: expected the key's first {PREFIX_LEN} characters")
-    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-        raise ConfigError(f"{where}.key_hash: expected a SHA-256 hex digest")
-    ips = _strings(row, "allowed_ips", where)
+def _key(t: Table, tenant_ids: dict[str, str]) -> ApiKey:
+    key_id, slug = _required(t, "id"), _required(t, "tenant")
+    prefix, digest = _required(t, "key_prefix"), _required(t, "key_hash").lower()
+    t.value("name", "", lambda v: isinstance(v, str), "a string")  # for people; unused
+    if slug and slug not in tenant_ids:
+        t.problem("tenant", f"unknown tenant slug {slug!r}")
+    if prefix and (len(prefix) != PREFIX_LEN or not prefix.startswith(("fr_live_", "fr_test_"))):
+        t.problem("key_prefix", f"expected the key's first {PREFIX_LEN} characters")
+    if digest and (len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest)):
+        t.problem("key_hash", "expected a SHA-256 hex digest")
+    ips = _strings(t, "allowed_ips")
+    allowed = None
     try:
         allowed = None if ips is None else tuple(ipaddress.ip_network(i, strict=False) for i in ips)
     except ValueError:
-        raise ConfigError(f"{where}.allowed_ips: not a list of CIDRs") from None
-    rpm = row.get("rate_limit_rpm", 600)
-    if not isinstance(rpm, int) or isinstance(rpm, bool) or rpm <= 0:
-        # 0 used to become 600 (``or 600``) and a negative rate broke the bucket arithmetic.
-        raise ConfigError(f"{where}.rate_limit_rpm: expected a positive integer")
-    return ApiKey(
-        id=row["id"],
-        tenant_id=tenant_ids[row["tenant"]],
+        t.problem("allowed_ips", "not a list of CIDRs")
+    key = ApiKey(
+        id=key_id,
+        tenant_id=tenant_ids.get(slug, ""),
         environment="test" if prefix.startswith("fr_test_") else "live",
         key_prefix=prefix,
         key_hash=digest,
-        scopes=_strings(row, "scopes", where) or (),
+        scopes=_strings(t, "scopes") or (),
         allowed_ips=allowed,
-        rate_limit_rpm=rpm,
-        is_active=row.get("is_active", True) is True,
-        expires_at=_time(row, "expires_at", where),
-        revoked_at=_time(row, "revoked_at", where),
+        rate_limit_rpm=t.positive_int("rate_limit_rpm", 600),
+        is_active=t.flag("is_active", True),
+        expires_at=_time(t, "expires_at"),
+        revoked_at=_time(t, "revoked_at"),
     )
+    t.finish()
+    return key
 
 
 def load_embedded(path: Path) -> tuple[MemoryTenantStore, MemoryKeyStore]:
-    """Read the embedded tenants file; every problem is a one-line ``ConfigError``."""
+    """Read the embedded tenants file; a ``ConfigError`` with one line per problem, every
+    problem of the file at once (unknown keys too), as the main configuration's."""
     try:
         with path.open("rb") as f:
             data = tomllib.load(f)
@@ -191,22 +201,21 @@ def load_embedded(path: Path) -> tuple[MemoryTenantStore, MemoryKeyStore]:
         raise ConfigError(f"tenancy.embedded_file: cannot read {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    where = f"{path}: "
-    rows = _tables(data, "tenants", where)
-    tenants = [_tenant(r, f"{where}tenants[{i}]") for i, r in enumerate(rows)]
+    root = Table(data, "")
+    tenants = [_tenant(t) for t in _tables(root, data, "tenants")]
     by_slug = {t.slug: t.id for t in tenants}
-    rows = _tables(data, "keys", where)
-    keys = [_key(r, f"{where}keys[{i}]", by_slug) for i, r in enumerate(rows)]
-    rows = _tables(data, "domain_verifications", where)
-    challenges = [_challenge(r, f"{where}domain_verifications[{i}]") for i, r in enumerate(rows)]
+    keys = [_key(t, by_slug) for t in _tables(root, data, "keys")]
+    challenges = [_challenge(t) for t in _tables(root, data, "domain_verifications")]
+    root.finish()
+    if root.problems:
+        raise ConfigError(*(f"{path}: {p}" for p in root.problems))
     return MemoryTenantStore(tenants, challenges), MemoryKeyStore(keys)
 
 
-def _challenge(row: dict[str, Any], where: str) -> tuple[str, str, datetime]:
-    for name in ("domain", "token"):
-        if not isinstance(row.get(name), str) or not row[name]:
-            raise ConfigError(f"{where}.{name}: required string")
-    expires_at = _time(row, "expires_at", where)
+def _challenge(t: Table) -> tuple[str, str, datetime]:
+    domain, token = _required(t, "domain"), _required(t, "token")
+    expires_at = _time(t, "expires_at")
     if expires_at is None:
-        raise ConfigError(f"{where}.expires_at: required")
-    return row["domain"].lower(), row["token"], expires_at
+        t.problem("expires_at", "required")
+    t.finish()
+    return domain.lower(), token, expires_at or datetime.min

@@ -243,3 +243,56 @@ def test_missing_file_names_the_setting(tmp_path: Path) -> None:
 def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^tenancy\.embedded_file: cannot read"):
         load_embedded(tmp_path)  # a directory
+
+
+def _problems(tmp_path: Path, text: str) -> list[str]:
+    path = tmp_path / "tenants.toml"
+    with pytest.raises(ConfigError) as caught:
+        _load(tmp_path, text)
+    prefix = f"{path}: "
+    assert all(p.startswith(prefix) for p in caught.value.problems), caught.value.problems
+    return [p.removeprefix(prefix) for p in caught.value.problems]
+
+
+def test_every_problem_of_the_file_at_once(tmp_path: Path) -> None:
+    text = (
+        TENANT.replace('slug = "acme"', "slug = 7")
+        + 'status = "Bogus"\nmonthly_render_quantity = 5\n'
+        + TENANT.replace("0000", "1111").replace('"acme"', '"globex"')
+        + "monthly_render_qty = -1\n"
+        + KEY.replace('tenant = "acme"', 'tenant = "initech"')
+        + "rate_limit_rpm = 0\n"
+    )
+    assert _problems(tmp_path, text) == [
+        "tenants[0].slug: expected a string, got 7",
+        "tenants[0].status: expected one of Active, Trial, Suspended, Cancelled, got 'Bogus'",
+        "tenants[0].monthly_render_quantity: unknown key",
+        "tenants[1].monthly_render_qty: expected a non-negative integer, got -1",
+        "keys[0].tenant: unknown tenant slug 'initech'",
+        "keys[0].rate_limit_rpm: expected a positive integer, got 0",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        # a typo of monthly_render_qty would otherwise leave the tenant without a quota
+        (TENANT + "monthly_render_quantity = 5\n", "tenants[0].monthly_render_quantity"),
+        (TENANT + "branding = { embed_enable = true }\n", "tenants[0].branding.embed_enable"),
+        (TENANT + KEY + "rate_limit = 60\n", "keys[0].rate_limit"),
+        (
+            '[[domain_verifications]]\ndomain = "a.test"\ntoken = "t"\n'
+            "expires_at = 2030-01-01T00:00:00Z\nmethod = 'HTTP_FILE'\n",
+            "domain_verifications[0].method",
+        ),
+        ("[[tenant]]\n" + TENANT.split("\n", 2)[2], "tenant"),
+    ],
+)
+def test_an_unknown_key_is_a_problem(tmp_path: Path, text: str, where: str) -> None:
+    assert _problems(tmp_path, text) == [f"{where}: unknown key"]
+
+
+def test_features_are_free_form(tmp_path: Path) -> None:
+    tenants, _ = _load(tmp_path, TENANT + "features = { anything = 1, goes = true }\n")
+    acme = asyncio.run(tenants.by_slug("acme"))
+    assert acme is not None and acme.features == {"anything": 1, "goes": True}
