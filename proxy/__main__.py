@@ -130,11 +130,23 @@ def _check_bindable(settings: Settings) -> None:
 
 def _validated(config: str | None) -> Settings:
     """The configuration as ``serve`` takes it, and ``check`` checks it: the file and the
-    environment, then the stores' own configuration (the embedded tenants file...)."""
+    environment, then what serve needs before it starts (the stores' own configuration such
+    as the embedded tenants file, the span exporter, the audit spool), every problem at once."""
     from proxy.app import build_stores
+    from proxy.audit.spool import spool_dir_problem
+    from proxy.telemetry import span_exporter
 
     settings = load_settings(os.environ, config)
-    build_stores(settings)
+    problems: list[str] = []
+    for validate in (lambda: build_stores(settings), lambda: span_exporter(settings.telemetry)):
+        try:
+            validate()
+        except ConfigError as e:
+            problems.extend(e.problems)
+    if settings.database_url is not None:  # the spool holds audit rows Postgres did not take
+        problems.extend(filter(None, [spool_dir_problem(settings.audit.spool_dir)]))
+    if problems:
+        raise ConfigError(*problems)
     return settings
 
 

@@ -77,9 +77,18 @@ def _sampler(settings: TelemetrySettings) -> Sampler:
     }[settings.sampler]
 
 
-def _exporter(settings: TelemetrySettings) -> SpanExporter | None:
+def _passthrough(settings: TelemetrySettings) -> bool:
+    """Tracing left out altogether: the client's traceparent is forwarded as received."""
+    return settings.sdk_disabled or settings.sampler == "always_off"
+
+
+def span_exporter(settings: TelemetrySettings) -> Callable[[], SpanExporter] | None:
+    """What makes the configured exporter, or None when nothing is exported. A ``ConfigError``
+    when the exporter's package is missing: ``serve`` and ``check`` both ask before starting."""
+    if _passthrough(settings):
+        return None
     if settings.traces_exporter == "console":
-        return ConsoleSpanExporter()
+        return ConsoleSpanExporter
     if settings.traces_exporter == "otlp":
         from proxy.settings import ConfigError
 
@@ -91,8 +100,8 @@ def _exporter(settings: TelemetrySettings) -> SpanExporter | None:
             raise ConfigError(
                 "OTEL_TRACES_EXPORTER: otlp needs opentelemetry-exporter-otlp installed"
             ) from None
-        exporter: SpanExporter = OTLPSpanExporter()
-        return exporter
+        make: Callable[[], SpanExporter] = OTLPSpanExporter
+        return make
     return None
 
 
@@ -102,9 +111,9 @@ class Telemetry:
         is then fed synchronously)."""
         self.tracer: Tracer | None = None
         self._provider: TracerProvider | None = None
-        # Tracing left out altogether: the client's traceparent is forwarded as received.
-        self._passthrough = settings.sdk_disabled or settings.sampler == "always_off"
-        chosen = None if self._passthrough else exporter or _exporter(settings)
+        self._passthrough = _passthrough(settings)
+        make = None if exporter else span_exporter(settings)
+        chosen = None if self._passthrough else exporter or (make() if make else None)
         if chosen is not None:
             self._provider = TracerProvider(
                 resource=Resource.create({"service.name": settings.service_name}),

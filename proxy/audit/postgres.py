@@ -55,7 +55,7 @@ import asyncpg
 
 from proxy.audit.partitions import ensure_partition, month_of
 from proxy.audit.record import AuditRecord
-from proxy.audit.spool import Spool
+from proxy.audit.spool import Spool, cannot_use
 from proxy.background import Job
 from proxy.core.backoff import backoff_s
 from proxy.settings import AuditSettings, ConfigError
@@ -306,9 +306,7 @@ class PostgresAuditSink:
         try:
             recovered = await asyncio.to_thread(self._spool.prepare)
         except OSError as e:
-            raise ConfigError(
-                f"audit.spool_dir: cannot use {self._spool.directory}: {e.strerror or e}"
-            ) from None
+            raise ConfigError(cannot_use(self._spool.directory, str(e.strerror or e))) from None
         if recovered:
             log.warning("audit spool: took back %d files left by stopped processes", recovered)
         # One connection: the flusher is the only user, and a separate pool keeps audit

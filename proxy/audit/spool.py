@@ -60,6 +60,25 @@ class Claimed:
     unreadable_lines: int
 
 
+def cannot_use(directory: Path, reason: str) -> str:
+    return f"audit.spool_dir: cannot use {directory}: {reason}"
+
+
+def spool_dir_problem(directory: Path) -> str | None:
+    """Why ``Spool.prepare`` would fail on ``directory``, found without creating anything:
+    it must be a directory we may list and write, or be creatable (its nearest existing
+    ancestor a directory we may write). ``check`` and ``serve`` both ask before starting."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    need = os.R_OK | os.W_OK | os.X_OK if existing == directory else os.W_OK | os.X_OK
+    if not existing.is_dir():
+        return cannot_use(directory, f"{existing} is not a directory")
+    if not os.access(existing, need):
+        return cannot_use(directory, f"{existing}: permission denied")
+    return None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -102,13 +102,44 @@ def test_several_problems_are_one_line_each(tmp_path: Path) -> None:
 
 def test_the_embedded_tenants_file_is_checked_as_serve_checks_it(tmp_path: Path) -> None:
     tenants = tmp_path / "tenants.toml"
-    tenants.write_text("[[tenants]]\nslug = 1\n")
+    tenants.write_text(
+        '[[tenants]]\nid = "t-1"\nslug = 7\nstatus = "Bogus"\nmonthly_render_quantity = 5\n'
+    )
     text = GOOD.replace('embedded_file = "config/tenants.toml"', f'embedded_file = "{tenants}"')
     assert text != GOOD
     path = config(tmp_path, text)
     check, serve = run("check", "--config", str(path)), run("serve", "--config", str(path))
     assert problems(check) == problems(serve)
-    assert len(problems(check)) == 1 and str(tenants) in problems(check)[0]
+    assert problems(check) == [
+        f"{tenants}: tenants[0].slug: expected a string, got 7",
+        f"{tenants}: tenants[0].status: expected one of Active, Trial, Suspended, Cancelled, "
+        "got 'Bogus'",
+        f"{tenants}: tenants[0].monthly_render_quantity: unknown key",
+    ]
+
+
+def test_start_up_checks_of_serve_are_made(tmp_path: Path, migrated_dsn: str) -> None:
+    """What serve refuses before it starts, beyond the file: an exporter that is not
+    installed, a spool directory it could not use; check reports it the same, every line."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    spool = blocker / "spool"
+    text = GOOD.replace('spool_dir = "var/spool"', f'spool_dir = "{spool}"')
+    assert text != GOOD
+    path = str(config(tmp_path, text))
+    env = {"DATABASE_URL": migrated_dsn, "OTEL_TRACES_EXPORTER": "otlp"}
+    check, serve = run("check", "--config", path, env=env), run("serve", "--config", path, env=env)
+    assert problems(check) == problems(serve)
+    assert problems(check) == [
+        "OTEL_TRACES_EXPORTER: otlp needs opentelemetry-exporter-otlp installed",
+        f"audit.spool_dir: cannot use {spool}: {blocker} is not a directory",
+    ]
+    # Tracing disabled: serve never asks for the exporter, and neither does check.
+    env |= {"OTEL_SDK_DISABLED": "true"}
+    [line] = problems(run("check", "--config", path, env=env))
+    assert line.startswith("audit.spool_dir:"), line
+    # Embedded mode writes no spool (rows go to audit.jsonl_path).
+    assert_ok(run("check", "--config", path, env={"OTEL_SDK_DISABLED": "true"}))
 
 
 def test_migrations_applied_and_unedited(tmp_path: Path, migrated_dsn: str) -> None:
@@ -192,4 +223,29 @@ def test_both_stores_dead_are_two_lines(tmp_path: Path) -> None:
     assert found[0].startswith(f"database unreachable: 127.0.0.1:{dead}/flatrender")
     assert found[1].startswith(f"REDIS_URL: 127.0.0.1:{dead} does not answer")
     assert "secret-pw" not in result.stderr
+    assert took < STORE_TIMEOUT_S + 5, took
+
+
+def test_a_stalled_database_is_one_line_within_the_bound(tmp_path: Path) -> None:
+    """A SIGSTOPped Postgres (a server of this test's own): the kernel accepts connections,
+    nothing answers, on a new connection or on one open."""
+    text = GOOD.replace(
+        "cache_ttl_s = 30", f"cache_ttl_s = 30\nstore_timeout_s = {STORE_TIMEOUT_S}"
+    )
+    path = str(config(tmp_path, text))
+    server = PostgresServer()
+    try:
+        server.start()
+        env = {"DATABASE_URL": server.dsn}
+        assert problems(run("check", "--config", path, env=env))  # reached: not migrated
+        server.pause()
+        try:
+            result, took = _timed("check", "--config", path, env=env)
+        finally:
+            server.resume()
+    finally:
+        server.cleanup()
+    [line] = problems(result)
+    assert line.startswith(f"database 127.0.0.1:{server.port}/"), line
+    assert "no answer within" in line, line
     assert took < STORE_TIMEOUT_S + 5, took

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from proxy.audit.record import AuditRecord
-from proxy.audit.spool import Spool
+from proxy.audit.spool import Spool, spool_dir_problem
 
 TENANT = "00000000-0000-0000-0000-000000000001"
 
@@ -149,3 +149,19 @@ def test_unwritable_directory_raises_oserror(tmp_path: Path) -> None:
     s.directory.write_text("a file where the directory was")
     with pytest.raises(OSError):
         s.write([record(1)])
+
+
+def test_spool_dir_problem_creates_nothing(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert spool_dir_problem(tmp_path) is None
+    assert spool_dir_problem(tmp_path / "new" / "spool") is None  # prepare() would create it
+    assert not (tmp_path / "new").exists()
+    assert spool_dir_problem(blocker) == (
+        f"audit.spool_dir: cannot use {blocker}: {blocker} is not a directory"
+    )
+    assert spool_dir_problem(blocker / "spool") == (
+        f"audit.spool_dir: cannot use {blocker / 'spool'}: {blocker} is not a directory"
+    )
+    with pytest.raises(OSError):  # what serve would otherwise meet at start
+        Spool(blocker / "spool", 1024).prepare()
