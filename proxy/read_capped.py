@@ -8,15 +8,25 @@ caller means.
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 
 
-async def read_capped(stream: aiohttp.StreamReader, limit: int) -> bytes:
-    """The body's first ``limit`` bytes (all of it when shorter); the rest is never read."""
+async def read_capped(
+    stream: aiohttp.StreamReader, limit: int, *, within_s: float | None = None
+) -> bytes:
+    """The body's first ``limit`` bytes (all of it when shorter); the rest is never read. With
+    ``within_s``, what arrived by then: a slow body is cut short, never an error."""
     raw = bytearray()
-    while len(raw) < limit:
-        chunk = await stream.read(limit - len(raw))
-        if not chunk:  # end of the body
-            break
-        raw += chunk
+    try:
+        async with asyncio.timeout(within_s):
+            while len(raw) < limit:
+                chunk = await stream.read(limit - len(raw))
+                if not chunk:  # end of the body
+                    break
+                raw += chunk
+    except TimeoutError:
+        if within_s is None:
+            raise
     return bytes(raw)

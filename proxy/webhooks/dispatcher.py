@@ -43,6 +43,8 @@ _READ_BYTES = RESPONSE_BODY_CHARS * 4  # enough UTF-8 for 4096 characters
 # lease that ended in another process): a due attempt still starts within this.
 POLL_S = 1.0
 _MIN_WAIT_S = 0.05
+# aiohttp's own total timeout would also cover the body; ``send`` keeps the deadline itself.
+_OWN_DEADLINE = aiohttp.ClientTimeout(total=None)
 
 
 # Every value of edge_webhook_attempts_total's ``outcome`` label (a bounded set: never the
@@ -205,20 +207,32 @@ class Dispatcher(Job):
         status: int | None = None
         text: str | None = None
         error: str | None = None
+        loop = asyncio.get_running_loop()
+        # The outcome is the status within timeout_s (CONTRACT §11); the body is kept for the
+        # log only, so it gets what is left of that time and a slow one is cut short.
+        deadline = loop.time() + self._settings.timeout_s
         try:
-            async with self._session.post(
-                claim.url,
-                data=body,
-                headers=headers,
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=self._settings.timeout_s),
-            ) as response:
+            async with asyncio.timeout_at(deadline):
+                response = await self._session.post(
+                    claim.url,
+                    data=body,
+                    headers=headers,
+                    allow_redirects=False,
+                    timeout=_OWN_DEADLINE,
+                )
+            async with response:
                 status = response.status
-                # The first bytes only: a receiver answering gigabytes costs us 16 KiB.
-                raw = await read_capped(response.content, _READ_BYTES)
-                text = raw.decode("utf-8", "replace").replace("\x00", "")[:RESPONSE_BODY_CHARS]
                 if not 200 <= status < 300:
                     error = f"http_{status}"
+                # The first bytes only: a receiver answering gigabytes costs us 16 KiB. A body
+                # cut by the receiver leaves the status standing.
+                try:
+                    raw = await read_capped(
+                        response.content, _READ_BYTES, within_s=max(0.0, deadline - loop.time())
+                    )
+                except (aiohttp.ClientError, OSError):
+                    raw = b""
+                text = raw.decode("utf-8", "replace").replace("\x00", "")[:RESPONSE_BODY_CHARS]
         except aiohttp.ClientConnectorError as e:
             if isinstance(e.os_error, DestinationNotAllowed):
                 return Outcome(None, None, 0, "destination_not_allowed")

@@ -235,6 +235,26 @@ async def test_the_response_body_kept_is_its_first_4096_characters(
     assert row["response_body"] == "é" + "ü" * 4095
 
 
+async def test_a_2xx_whose_body_stalls_is_a_success_with_what_arrived(
+    db: asyncpg.Connection, dsn: str
+) -> None:
+    tenant = await new_tenant(db)
+    async with receiving(stall_body=True) as r:
+        hook = await add_webhook(db, tenant, r.url())
+        async with dispatching(dsn, timeout_s=2.0, lease_s=7.0):
+            await publish(db, tenant)
+
+            async def made() -> bool:
+                return any(row["next_retry_at"] is None for row in await attempts(db, hook))
+
+            await within(8, made)
+    (row,) = await attempts(db, hook)
+    assert row["succeeded"] is True and row["error_message"] is None
+    assert row["response_status"] == 200
+    assert row["response_body"] == "first bytes"
+    assert 1900 <= row["duration_ms"] < 6000  # the body was waited for until timeout_s
+
+
 async def test_a_redirect_is_a_failure_and_is_not_followed(
     db: asyncpg.Connection, migrated_dsn: str
 ) -> None:

@@ -61,6 +61,7 @@ class Receiver:
     hang: bool = False
     delay_s: float = 0.0
     text: str | None = None  # the body of every answer (default "answer <status>")
+    stall_body: bool = False  # send the status and the first bytes of the body, then stall
     received: list[Received] = field(default_factory=list)
     port: int = 0
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
@@ -77,6 +78,11 @@ class Receiver:
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         status = self.statuses.pop(0) if self.statuses else self.default
+        if self.stall_body:
+            stalled = web.StreamResponse(status=status)
+            await stalled.prepare(request)
+            await stalled.write(b"first bytes")
+            await asyncio.Event().wait()
         if 300 <= status < 400:
             return web.Response(status=status, headers={"Location": self.url("/redirected")})
         # A cookie on every answer: a client keeping cookies would send it back.
