@@ -88,7 +88,8 @@ def quota_items(quota: int, left: int, now: datetime) -> QuotaItems:
 
 
 def outage_share(last_remaining: int, expected_instances: int) -> int:
-    """Fail-open admissions one process may make while the shared counter is unreachable: its
-    share of the month's last known remainder, rounded down so that ``expected_instances``
-    processes together never exceed it."""
-    return max(0, last_remaining) // max(1, expected_instances)
+    """Fail-open admissions one process may make while the shared counter is unreachable: it
+    admits while its own count stays below ``remainder / expected_instances`` (CONTRACT §13),
+    compared exactly as ``mine * instances < remainder``: as many units as satisfy it."""
+    instances = max(1, expected_instances)
+    return (max(0, last_remaining) + instances - 1) // instances

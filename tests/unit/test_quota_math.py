@@ -96,7 +96,26 @@ def test_header_items() -> None:
 
 @pytest.mark.parametrize(
     ("last_remaining", "instances", "share"),
-    [(100, 1, 100), (100, 3, 33), (2, 3, 0), (0, 1, 0), (-5, 2, 0)],
+    [
+        (100, 1, 100),
+        (100, 3, 34),  # 33 * 3 = 99 < 100: a 34th admission is still below 100 / 3
+        (99, 3, 33),
+        (2, 3, 1),  # 0 * 3 < 2
+        (1, 2, 1),
+        (10, 4, 3),
+        (0, 1, 0),
+        (-5, 2, 0),
+    ],
 )
 def test_outage_share(last_remaining: int, instances: int, share: int) -> None:
     assert outage_share(last_remaining, instances) == share
+
+
+@pytest.mark.parametrize("instances", [1, 2, 3, 7])
+@pytest.mark.parametrize("last_remaining", [0, 1, 2, 5, 6, 100])
+def test_outage_share_admits_while_own_count_is_below_the_share_of_the_remainder(
+    last_remaining: int, instances: int
+) -> None:
+    share = outage_share(last_remaining, instances)
+    assert all(mine * instances < last_remaining for mine in range(share))
+    assert not share * instances < last_remaining
