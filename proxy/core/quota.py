@@ -34,6 +34,12 @@ def month_id(now: datetime) -> str:
     return f"{at.year:04d}-{at.month:02d}"
 
 
+def month_start_of(month: str) -> datetime:
+    """00:00:00 UTC on the 1st of the month ``month_id`` names (``YYYY-MM``)."""
+    year, number = month.split("-")
+    return datetime(int(year), int(number), 1, tzinfo=UTC)
+
+
 def first_day(now: datetime) -> date:
     return month_start(now).date()
 

@@ -32,11 +32,12 @@ from proxy.core.quota import (
     admits,
     first_day,
     month_id,
+    month_start_of,
     next_month_start,
     outage_share,
     remaining,
 )
-from proxy.errors import ProxyError, RateLimiterUnavailable
+from proxy.errors import ProxyError, RateLimiterUnavailable, TenantStoreUnavailable
 from proxy.stores.redis import ScriptClient
 
 log = logging.getLogger("proxy.quota")
@@ -44,23 +45,27 @@ log = logging.getLogger("proxy.quota")
 # The month's renders_started of a tenant (Postgres), for a count that is missing.
 RebuildSource = Callable[[str, date], Awaitable[int]]
 
-RESERVE, COMMIT, RELEASE, PEEK = 1, 2, 3, 4
+RESERVE, COMMIT, RELEASE, PEEK, ADD = 1, 2, 3, 4, 5
+REPLAY_BATCH = 500  # settlements per script call when Redis answers again
 NO_COUNT = -1  # the script's answer when the month's count is missing; also "no rebuilt value"
 
 # One call decides a batch of operations, each atomically (a script runs alone on its node).
-# Per operation, KEYS: the month's count of renders started, then the reservations in flight
-# (a sorted set; member: reservation id, score: its expiry in ms on Redis's clock). ARGV, 7 per
-# operation: op, quota, reservation id (0: none), lease ms, count expiry (Unix s), rebuilt count
-# (-1: none), amount to add on commit. Replies: 3 integers per operation. A peek (``/explain``)
-# writes nothing, not even the expired reservations' removal: it answers whether the count
-# exists (1, else -1), the count, and the reservations not yet expired, and ``core.quota.admits``
-# decides in the caller.
+# Per operation, KEYS: the month's count of renders started, the reservations in flight (a sorted
+# set; member: reservation id, score: its expiry in ms on Redis's clock), and the ids of the units
+# added without a reservation that were already applied (a set expiring with the count). ARGV, 7
+# per operation: op, quota, reservation or unit id (0: none), lease ms, count expiry (Unix s),
+# rebuilt count (-1: none), amount to add. Replies: 3 integers per operation. Settling is
+# idempotent, so a settlement whose reply was lost can be sent again: a commit counts only when
+# it removes its reservation, and an add only when its id is new to the applied set. A peek
+# (``/explain``) writes nothing, not even the expired reservations' removal: it answers whether
+# the count exists (1, else -1), the count, and the reservations not yet expired, and
+# ``core.quota.admits`` decides in the caller.
 QUOTA_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
-for i = 1, #KEYS / 2 do
-  local count_key, held_key = KEYS[2 * i - 1], KEYS[2 * i]
+for i = 1, #KEYS / 3 do
+  local count_key, held_key, applied_key = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
   local a = 7 * (i - 1)
   local op, id = tonumber(ARGV[a + 1]), ARGV[a + 3]
   local r1, r2, r3 = 1, 0, 0
@@ -68,10 +73,15 @@ for i = 1, #KEYS / 2 do
     local count = redis.call('GET', count_key)
     if count then r2 = tonumber(count) else r1 = -1 end
     r3 = redis.call('ZCOUNT', held_key, '(' .. now, '+inf')
-  elseif op ~= 1 then
-    if id ~= '0' then redis.call('ZREM', held_key, id) end
+  elseif op == 5 then
     -- A missing count is rebuilt from Postgres, which has (or will have) this unit.
-    if op == 2 and redis.call('EXISTS', count_key) == 1 then
+    if redis.call('EXISTS', count_key) == 1 and redis.call('SADD', applied_key, id) == 1 then
+      redis.call('INCRBY', count_key, tonumber(ARGV[a + 7]))
+      redis.call('EXPIREAT', applied_key, tonumber(ARGV[a + 5]))
+    end
+  elseif op ~= 1 then
+    local removed = redis.call('ZREM', held_key, id)
+    if op == 2 and removed == 1 and redis.call('EXISTS', count_key) == 1 then
       redis.call('INCRBY', count_key, tonumber(ARGV[a + 7]))
     end
   else
@@ -107,9 +117,9 @@ return out
 
 
 def quota_keys(tenant_id: str, month: str) -> list[str]:
-    """``{tenant}`` is the hash tag: both keys of a decision live on one node."""
+    """``{tenant}`` is the hash tag: the keys of a decision live on one node."""
     base = f"edge:quota:{{{tenant_id}}}:{month}"
-    return [f"{base}:count", f"{base}:held"]
+    return [f"{base}:count", f"{base}:held", f"{base}:applied"]
 
 
 @dataclass(slots=True)
@@ -163,16 +173,25 @@ class _Rebuilds:
 
     async def count(self, tenant_id: str, now: datetime, *, rebuild: bool = True) -> int:
         """``rebuild=False``: the count is only read (a peek), not put back, so it is not
-        counted as a rebuild."""
+        counted as a rebuild; nor is a query that failed. Postgres unavailable: 503
+        ``tenant_store_unavailable`` with ``Retry-After: 1`` (RFC 9110 §10.2.3), never a
+        guess at the count."""
         key = (tenant_id, first_day(now))
         loading = self._loading.get(key)
         if loading is None:
-            loading = asyncio.ensure_future(self._source(*key))
+            loading = asyncio.ensure_future(self._load(key, rebuild))
             self._loading[key] = loading
             loading.add_done_callback(lambda _: self._loading.pop(key, None))
-            if rebuild:
-                self._counters.rebuilds += 1
-        return await asyncio.shield(loading)
+        try:
+            return await asyncio.shield(loading)
+        except ProxyError as e:
+            raise TenantStoreUnavailable(headers={"Retry-After": "1"}) from e
+
+    async def _load(self, key: tuple[str, date], rebuild: bool) -> int:
+        n = await self._source(*key)
+        if rebuild:
+            self._counters.rebuilds += 1
+        return n
 
 
 class MemoryQuotaStore:
@@ -191,6 +210,16 @@ class MemoryQuotaStore:
             self._month, self._counts, self._held = month, {}, {}
         if tenant_id not in self._counts:
             count = await self._rebuilds.count(tenant_id, now)
+            if self._month > month:
+                # The next month began while Postgres answered: this request's month is over
+                # and its state gone; decide from the rebuilt count, storing nothing (the
+                # new month's state is not reset with this ``now``).
+                if not admits(quota, count, 0):
+                    self.counters.refused += 1
+                    return QuotaDecision(False, remaining(quota, count, 0), None)
+                self.counters.admitted += 1
+                reservation = Reservation(tenant_id, month, 0, 0)
+                return QuotaDecision(True, remaining(quota, count, 1), reservation)
             if self._month != month:
                 return await self.reserve(tenant_id, quota, now)
             self._counts.setdefault(tenant_id, count)
@@ -276,6 +305,8 @@ class RedisQuotaStore:
         # the units kept, per (tenant, month), to add to the count when Redis answers again.
         self._outage_used: dict[str, int] = {}
         self._outage_kept: dict[tuple[str, str], int] = {}
+        # Settlements Redis may not have applied, by id: sent again when it answers.
+        self._unsettled: dict[int, tuple[str, list[str], list[int]]] = {}
         self.counters = QuotaCounters()
         self._rebuilds = _Rebuilds(rebuild, self.counters)
 
@@ -306,14 +337,14 @@ class RedisQuotaStore:
             if admitted == NO_COUNT:
                 args[5] = await self._rebuilds.count(tenant_id, now)
                 admitted, count, held = await self._submit(tenant_id, keys, args[:])
-        except ProxyError:  # Postgres could not say what the month's count is
-            return await self._degraded(tenant_id, quota, now)
+        except ProxyError:  # Postgres could not say what the month's count is: a 503
+            raise
         except Exception as e:  # no reply, a reply that is not the script's, an error reply
             self._client.reset()
             self._trip(e)
             # It may have been reserved all the same: give it back rather than hold a unit
             # until the lease ends.
-            self._send(tenant_id, month, [RELEASE, 0, rid, 0, expires, NO_COUNT, 0])
+            self._send(tenant_id, keys, [RELEASE, 0, rid, 0, expires, NO_COUNT, 0])
             return await self._degraded(tenant_id, quota, now)
         self._last_used[tenant_id] = (month, count + held)
         if self._outage_used:  # admissions made without Redis are behind us
@@ -339,8 +370,8 @@ class RedisQuotaStore:
             )
             if exists == NO_COUNT:
                 count = await self._rebuilds.count(tenant_id, now, rebuild=False)
-        except ProxyError:  # Postgres could not say what the month's count is
-            return await self._degraded_peek(tenant_id, quota, now)
+        except ProxyError:  # Postgres could not say what the month's count is: a 503
+            raise
         except Exception as e:  # as in reserve: the breaker opens
             self._client.reset()
             self._trip(e)
@@ -392,10 +423,15 @@ class RedisQuotaStore:
             error = TypeError(f"not the quota script's reply: {values!r}")
         self._answer(ops, values, error)
 
-    @staticmethod
-    def _answer(ops: list[_Op], values: list[Any] | None, error: BaseException | None) -> None:
+    def _answer(
+        self, ops: list[_Op], values: list[Any] | None, error: BaseException | None
+    ) -> None:
         for i, op in enumerate(ops):
-            if op.future.done():  # its caller stopped waiting
+            if op.future.done():  # its caller stopped waiting (a client that left)
+                held = error is not None or values is None or int(values[3 * i]) == 1
+                if op.args[0] == RESERVE and held:
+                    # A unit it reserved (or may have) goes back now, not at the lease's end.
+                    self._send(op.tenant_id, op.keys, [RELEASE, *op.args[1:]])
                 continue
             if error is not None or values is None:
                 op.future.set_exception(error or TypeError("no reply"))
@@ -428,10 +464,7 @@ class RedisQuotaStore:
         last = self._last_used.get(tenant_id)
         if last is None or last[0] != month:
             # Never seen this month: Postgres's count is the best base there is.
-            try:
-                used = await self._rebuilds.count(tenant_id, now)
-            except ProxyError:
-                used = quota  # nothing known: admit none rather than guess
+            used = await self._rebuilds.count(tenant_id, now)  # unavailable: a 503
             last = self._last_used[tenant_id] = (month, used)
         share = outage_share(quota - last[1], self._instances)
         return share, self._outage_used.get(tenant_id, 0)
@@ -456,26 +489,34 @@ class RedisQuotaStore:
             return
         op = COMMIT if started else RELEASE
         args = [op, 0, reservation.id, 0, reservation.expires, NO_COUNT, 1]
-        self._send(tenant_id, reservation.month, args, keep=started)
+        self._send(tenant_id, quota_keys(tenant_id, reservation.month), args)
 
     def _keep_later(self, tenant_id: str, month: str, n: int) -> None:
         if self._open:
             key = (tenant_id, month)
             self._outage_kept[key] = self._outage_kept.get(key, 0) + n
             return
-        self._send(tenant_id, month, [COMMIT, 0, 0, 0, 0, NO_COUNT, n], keep=True)
+        self._send(tenant_id, quota_keys(tenant_id, month), self._add_args(month, n))
 
-    def _send(self, tenant_id: str, month: str, args: list[int], *, keep: bool = False) -> None:
-        """A settlement in the background, answered through a callback (no task per call);
-        a kept unit that Redis did not get waits for it."""
-        reply = self._submit(tenant_id, quota_keys(tenant_id, month), args)
+    def _add_args(self, month: str, n: int) -> list[int]:
+        """``n`` units kept without a reservation, under an id of their own: applied once
+        however often they are sent."""
+        expires = int(next_month_start(month_start_of(month)).timestamp()) + self._lease_s
+        return [ADD, 0, random.getrandbits(62) + 1, 0, expires, NO_COUNT, n]
+
+    def _send(self, tenant_id: str, keys: list[str], args: list[int]) -> None:
+        """A settlement in the background, answered through a callback (no task per call).
+        One that Redis may not have applied waits, under its id, to be sent again once Redis
+        answers (settling is idempotent, so one that ran late is not applied twice)."""
+        if self._open:
+            self._unsettled[args[2]] = (tenant_id, keys, args)
+            return
+        reply = self._submit(tenant_id, keys, args)
 
         def done(t: asyncio.Future[list[int]]) -> None:
             error = None if t.cancelled() else t.exception()
             if t.cancelled() or error is not None:
-                if keep:
-                    key = (tenant_id, month)
-                    self._outage_kept[key] = self._outage_kept.get(key, 0) + args[6]
+                self._unsettled[args[2]] = (tenant_id, keys, args)
                 if not self._closing:
                     self._client.reset()
                     self._trip(error or TimeoutError("no answer within the deadline"))
@@ -507,15 +548,18 @@ class RedisQuotaStore:
         log.warning("redis answers again: exact render quota resumed")
 
     async def _replay(self) -> None:
-        """Add the units kept during the outage to the months' counts."""
-        while self._outage_kept:
-            (tenant_id, month), n = next(iter(self._outage_kept.items()))
-            await self._submit(
-                tenant_id, quota_keys(tenant_id, month), [COMMIT, 0, 0, 0, 0, NO_COUNT, n]
-            )
-            left = self._outage_kept.pop((tenant_id, month), 0) - n
-            if left > 0:  # kept meanwhile
-                self._outage_kept[(tenant_id, month)] = left
+        """Send again the settlements Redis may not have applied, and add the units kept
+        during the outage to the months' counts (each under an id, so a replay whose reply is
+        lost again is applied once)."""
+        for (tenant_id, month), n in self._outage_kept.items():
+            args = self._add_args(month, n)
+            self._unsettled[args[2]] = (tenant_id, quota_keys(tenant_id, month), args)
+        self._outage_kept.clear()
+        while self._unsettled:
+            batch = list(self._unsettled.items())[:REPLAY_BATCH]
+            await asyncio.gather(*(self._submit(*op) for _, op in batch))
+            for rid, _ in batch:
+                self._unsettled.pop(rid, None)
 
     async def close(self) -> None:
         self._closing = True

@@ -15,7 +15,7 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 
 from proxy.core.quota import month_id
-from proxy.errors import RateLimiterUnavailable
+from proxy.errors import RateLimiterUnavailable, TenantStoreUnavailable
 from proxy.stores.quota import QUOTA_SCRIPT, RedisQuotaStore, quota_keys
 from proxy.stores.redis import make_client
 from tests.e2e.support import within
@@ -39,12 +39,14 @@ class History:
         return self.renders
 
 
-def store(redis: RedisServer, history: History, **options: object) -> RedisQuotaStore:
-    client = make_client(redis.url, "standalone", None, DEADLINE_S, QUOTA_SCRIPT)
+def store(
+    redis: RedisServer, history: History, deadline_s: float = DEADLINE_S, **options: object
+) -> RedisQuotaStore:
+    client = make_client(redis.url, "standalone", None, deadline_s, QUOTA_SCRIPT)
     return RedisQuotaStore(
         client,
         rebuild=history,
-        deadline_s=DEADLINE_S,
+        deadline_s=deadline_s,
         probe_interval_s=0.05,
         **options,  # type: ignore[arg-type]
     )
@@ -88,7 +90,7 @@ async def test_the_count_expires_after_its_month(
     try:
         decision = await quotas.reserve(TENANT, 10, now)
         assert decision.admitted and decision.left == 2  # 7 rebuilt, 1 in flight
-        count_key, held_key = quota_keys(TENANT, month_id(now))
+        count_key, held_key = quota_keys(TENANT, month_id(now))[:2]
         assert int(await raw.get(count_key)) == 7
         expires_at = await raw.expiretime(count_key)
         assert expires_at == decision.reservation.expires  # type: ignore[union-attr]
@@ -300,5 +302,121 @@ async def test_peek_agrees_with_reserve_and_writes_nothing(
             quotas.counters.rebuilds,
         ) == counters
         assert not (await quotas.reserve(TENANT, 2, now)).admitted  # reserve agrees
+    finally:
+        await quotas.close()
+
+
+async def test_a_commit_that_ran_late_is_not_counted_again_by_its_replay(
+    own_redis: RedisServer, raw: aioredis.Redis
+) -> None:
+    """The commit misses its 0.2 s deadline while Redis is stopped, and runs when it resumes
+    (its bytes were in the socket); the breaker opened, and the replay once Redis answers
+    again finds the reservation already settled: the count is 1, not 2."""
+    now = datetime.now(UTC)
+    month = month_id(now)
+    quotas = store(own_redis, History(), deadline_s=0.2, failure_mode="closed")
+    await quotas.start()
+    try:
+        held = await quotas.reserve(TENANT, 10, now)
+        assert held.admitted
+        own_redis.pause()
+        quotas.settle(TENANT, month, held.reservation, True)
+        await within(5, lambda: _not_healthy(quotas))
+        own_redis.resume()
+        await within(5, lambda: _healthy(quotas))
+        count_key, held_key = quota_keys(TENANT, month)[:2]
+        assert int(await raw.get(count_key)) == 1
+        assert await raw.zcard(held_key) == 0
+    finally:
+        own_redis.resume()
+        await quotas.close()
+
+
+async def test_settlements_redis_refused_are_replayed_with_their_ids(
+    own_redis: RedisServer, raw: aioredis.Redis
+) -> None:
+    """A commit and a release that Redis refused (never ran: scripts denied by ACL) free their
+    own reservations when it takes scripts again, not at the lease's end, and the commit
+    counts once."""
+    now = datetime.now(UTC)
+    month = month_id(now)
+    quotas = store(own_redis, History(), failure_mode="open", lease_s=600)
+    await quotas.start()
+    try:
+        kept, given = await quotas.reserve(TENANT, 10, now), await quotas.reserve(TENANT, 10, now)
+        assert kept.admitted and given.admitted
+        await raw.execute_command("ACL", "SETUSER", "default", "-evalsha", "-eval")
+        quotas.settle(TENANT, month, kept.reservation, True)
+        quotas.settle(TENANT, month, given.reservation, False)
+        await within(5, lambda: _not_healthy(quotas))
+        await raw.execute_command("ACL", "SETUSER", "default", "+@all")
+        await within(5, lambda: _healthy(quotas))
+        count_key, held_key = quota_keys(TENANT, month)[:2]
+        assert int(await raw.get(count_key)) == 1
+        for r in (kept.reservation, given.reservation):
+            assert await raw.zscore(held_key, str(r.id)) is None  # type: ignore[union-attr]
+    finally:
+        await raw.execute_command("ACL", "SETUSER", "default", "+@all")
+        await quotas.close()
+
+
+async def test_a_reserve_whose_caller_left_gives_its_unit_back(
+    own_redis: RedisServer, raw: aioredis.Redis
+) -> None:
+    """The client left while its reserve was in flight: the unit Redis reserved for it goes
+    back at once, not when its lease ends."""
+    now = datetime.now(UTC)
+    month = month_id(now)
+    quotas = store(own_redis, History(), failure_mode="closed", lease_s=600)
+    await quotas.start()
+    try:
+        assert (await quotas.reserve(TENANT, 2, now)).admitted
+        held_key = quota_keys(TENANT, month)[1]
+        own_redis.pause()  # the next reserve waits in the socket
+        leaving = asyncio.ensure_future(quotas.reserve(TENANT, 2, now))
+        await within(5, lambda: _in_flight(quotas))
+        leaving.cancel()
+        own_redis.resume()
+        await within(5, lambda: _zcard_is(raw, held_key, 1))
+        assert (await quotas.reserve(TENANT, 2, now)).admitted
+        assert quotas.healthy
+    finally:
+        own_redis.resume()
+        await quotas.close()
+
+
+async def _in_flight(quotas: RedisQuotaStore) -> bool:
+    return bool(quotas._inflight)
+
+
+async def _zcard_is(raw: aioredis.Redis, key: str, n: int) -> bool:
+    return int(await raw.zcard(key)) == n
+
+
+async def _not_healthy(quotas: RedisQuotaStore) -> bool:
+    return not quotas.healthy
+
+
+class Unavailable(History):
+    async def __call__(self, _tenant_id: str, _month: date) -> int:
+        self.asked += 1
+        raise TenantStoreUnavailable()
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+async def test_postgres_down_while_the_count_is_missing_is_a_503_not_a_refusal(
+    own_redis: RedisServer, mode: str
+) -> None:
+    now = datetime.now(UTC)
+    quotas = store(own_redis, Unavailable(), failure_mode=mode)
+    await quotas.start()
+    try:
+        with pytest.raises(TenantStoreUnavailable) as raised:
+            await quotas.reserve(TENANT, 10, now)
+        assert raised.value.headers == {"Retry-After": "1"}
+        with pytest.raises(TenantStoreUnavailable):
+            await quotas.peek(TENANT, 10, now)
+        assert quotas.healthy
+        assert (quotas.counters.rebuilds, quotas.counters.degraded_refused) == (0, 0)
     finally:
         await quotas.close()

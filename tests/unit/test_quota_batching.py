@@ -50,7 +50,7 @@ async def test_one_call_per_turn_in_standalone_mode() -> None:
     tenants = [f"t{i % 3}" for i in range(12)]
     decisions = await asyncio.gather(*(quotas.reserve(t, 100, NOW) for t in tenants))
     assert all(d.admitted for d in decisions)
-    assert len(client.calls) == 1 and len(client.calls[0]) == 2 * len(tenants)
+    assert len(client.calls) == 1 and len(client.calls[0]) == 3 * len(tenants)
     for t, d in zip(tenants, decisions, strict=True):  # settlements of one turn: one call too
         quotas.settle(t, month_id(NOW), d.reservation, True)
     await quotas.close()

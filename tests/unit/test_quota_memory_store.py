@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, date, datetime
 
+import pytest
+
 from proxy.audit.record import AuditRecord
 from proxy.core.quota import month_id
+from proxy.errors import TenantStoreUnavailable
 from proxy.stores.quota import MemoryQuotaStore
 
 TENANT = "eeeeeeee-0000-0000-0000-000000000002"
@@ -69,6 +72,32 @@ async def test_a_new_month_starts_from_nothing() -> None:
     assert history.asked == [date(2026, 12, 1), date(2027, 1, 1)]
 
 
+class GatedMonths:
+    """No renders in any month; each month's answer waits for that month's gate."""
+
+    def __init__(self) -> None:
+        self.gates: dict[date, asyncio.Event] = {}
+
+    async def __call__(self, _tenant_id: str, month: date) -> int:
+        await self.gates.setdefault(month, asyncio.Event()).wait()
+        return 0
+
+
+async def test_a_rebuild_answered_after_the_month_turned_keeps_the_new_months_state() -> None:
+    """A December request's rebuild answers once January has begun: January's count stays."""
+    history = GatedMonths()
+    quotas = MemoryQuotaStore(history)
+    january = datetime(2027, 1, 1, tzinfo=UTC)
+    late = asyncio.ensure_future(quotas.reserve(TENANT, 5, NOW))
+    await asyncio.sleep(0)  # it waits for December's count
+    history.gates.setdefault(date(2027, 1, 1), asyncio.Event()).set()
+    kept = await quotas.reserve(TENANT, 1, january)
+    quotas.settle(TENANT, month_id(january), kept.reservation, True)
+    history.gates[date(2026, 12, 1)].set()
+    assert (await late).admitted  # decided on December's count, stored nowhere
+    assert not (await quotas.reserve(TENANT, 1, january)).admitted  # January's 1 kept
+
+
 def test_audit_rows_carry_the_render_mark_through_the_spool_format() -> None:
     row = AuditRecord(
         created_at=NOW,
@@ -111,3 +140,14 @@ async def test_peek_says_what_reserve_would_and_changes_nothing() -> None:
     assert (await quotas.peek(TENANT, 3, NOW)).admitted  # given back: room again
     assert (quotas.counters.admitted, quotas.counters.refused) == (before[0], before[1] + 1)
     assert (await quotas.peek(TENANT, 0, NOW)).admitted is False  # 0 admits none
+
+
+async def test_postgres_unavailable_for_a_missing_count_is_a_503_and_no_rebuild() -> None:
+    async def unavailable(_tenant_id: str, _month: date) -> int:
+        raise TenantStoreUnavailable()
+
+    quotas = MemoryQuotaStore(unavailable)
+    with pytest.raises(TenantStoreUnavailable) as raised:
+        await quotas.reserve(TENANT, 3, NOW)
+    assert raised.value.headers == {"Retry-After": "1"}
+    assert quotas.counters.rebuilds == 0
