@@ -53,7 +53,9 @@ class QuotaStage:
         assert tenant is not None  # earlier stages ran
         if request.method != "POST":
             return
-        now = self._clock()
+        # The audit row's clock reading when there is one: a render at a month's boundary is
+        # counted in the same month in the quota and in the row's renders_started.
+        now = ctx.audited_at or self._clock()
         limit = applicable_quota(request.method, tenant.monthly_render_qty)
         reservation = None
         if limit is not None:
