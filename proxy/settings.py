@@ -167,6 +167,10 @@ class DomainsSettings:
     allow_networks: tuple[IPNetwork, ...] = ()
 
 
+# The lease of a claimed webhook attempt is timeout_s plus at least this (CONTRACT §11).
+LEASE_MARGIN_S = 5.0
+
+
 @dataclass(frozen=True, slots=True)
 class WebhookSettings:
     """Delivery of events to the tenants' webhooks (CONTRACT §11); database mode only."""
@@ -174,8 +178,9 @@ class WebhookSettings:
     # Every `serve` in database mode runs a dispatcher; false leaves it to `webhooks run`.
     enabled: bool = True
     timeout_s: float = 15.0
-    # A claimed attempt is made again by any dispatcher after this (its maker died); must
-    # exceed timeout_s, or an attempt still in flight could be claimed a second time.
+    # A claimed attempt is made again by any dispatcher after this (its maker died); at least
+    # timeout_s + 5 s (CONTRACT §11), or an attempt still in flight, or still being recorded,
+    # could be claimed a second time.
     lease_s: float = 20.0
     retry_schedule_s: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
     disable_after_failures: int = 20
@@ -617,7 +622,7 @@ def _webhooks(t: _Table) -> WebhookSettings:
     s = WebhookSettings(
         enabled=t.flag("enabled", d.enabled),
         timeout_s=timeout,
-        lease_s=t.positive("lease_s", timeout + 5),
+        lease_s=t.positive("lease_s", timeout + LEASE_MARGIN_S),
         retry_schedule_s=tuple(float(i) for i in schedule),
         disable_after_failures=t.positive_int("disable_after_failures", d.disable_after_failures),
         max_in_flight_per_webhook=t.positive_int(
@@ -632,8 +637,12 @@ def _webhooks(t: _Table) -> WebhookSettings:
         ),
         retention_days=t.positive_int("retention_days", d.retention_days),
     )
-    if s.lease_s <= s.timeout_s:
-        t.problem("lease_s", f"must exceed timeout_s ({s.timeout_s:g}), got {s.lease_s:g}")
+    if s.lease_s < s.timeout_s + LEASE_MARGIN_S:
+        t.problem(
+            "lease_s",
+            f"must be at least timeout_s + {LEASE_MARGIN_S:g} ({s.timeout_s + LEASE_MARGIN_S:g}),"
+            f" got {s.lease_s:g}",
+        )
     t.finish()
     return s
 

@@ -84,7 +84,7 @@ async def test_sigkill_mid_flight_loses_nothing(
     async with receiving(delay_s=0.5) as r:
         await add_webhook(db, tenant, r.url())
         events = {await publish(db, tenant) for _ in range(20)}
-        path = config(tmp_path, timeout_s=2, lease_s=2.5)
+        path = config(tmp_path, timeout_s=2, lease_s=7)
         with dispatcher(path, migrated_dsn) as (first, _log):
             # Requests are in flight (the receiver answers after 0.5 s): kill now.
             await within(10, holds(lambda: len(r.received) >= 3))

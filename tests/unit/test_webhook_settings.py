@@ -57,6 +57,7 @@ def test_values() -> None:
         ({"allow_http": "yes"}, "webhooks.allow_http"),
         ({"retention_days": 0}, "webhooks.retention_days"),
         ({"timeout_s": 10, "lease_s": 10}, "webhooks.lease_s"),  # must exceed the timeout
+        ({"timeout_s": 10, "lease_s": 14.9}, "webhooks.lease_s"),  # ...by 5 s at least
         ({"retry_schdule_s": [1]}, "webhooks.retry_schdule_s"),  # unknown key
     ],
 )
