@@ -121,16 +121,17 @@ class WebhookJobs:
             channel=NOTIFY_CHANNEL,
             application_name="flatrender-edge-webhooks",
         )
-        self._listener.start()
+        retention = Periodic(
+            "webhook-retention",
+            RETENTION_EVERY_S,
+            lambda: delete_expired(store, self._settings.retention_days, retention),
+            at_start=True,
+            on_stop=False,
+        )
         self._jobs = [
             dispatcher,
-            Periodic(
-                "webhook-retention",
-                RETENTION_EVERY_S,
-                lambda: self._retention(store),
-                at_start=True,
-                on_stop=False,
-            ),
+            self._listener,
+            retention,
             Periodic(
                 "webhook-figures",
                 FIGURES_EVERY_S,
@@ -147,23 +148,12 @@ class WebhookJobs:
         ``timeout_s``), then close everything."""
         for job in self._jobs:
             await job.stop()
-        if self._listener is not None:
-            await self._listener.close()
         if self._session is not None:
             await self._session.close()
         if self._pool is not None:
             await close_pool(self._pool, DB_TIMEOUT_S)
         if self._access_log is not None:
             await self._access_log.close()
-
-    async def _retention(self, store: DeliveryStore) -> None:
-        try:
-            while True:
-                if not await store.delete_expired(self._settings.retention_days, RETENTION_BATCH):
-                    return
-                await asyncio.sleep(RETENTION_PAUSE_S)
-        except DB_ERRORS as e:
-            log.warning("webhook retention: database unavailable (%s)", type(e).__name__)
 
     async def _figures(self, store: DeliveryStore) -> None:
         # The dispatcher logs an outage; the gauges keep their last value meanwhile.
@@ -183,6 +173,19 @@ class WebhookJobs:
                 "Webhook attempts being made by this process",
                 self.dispatcher.in_flight,
             )
+
+
+async def delete_expired(store: DeliveryStore, days: int, job: Job) -> None:
+    """Retention: batches until nothing is left, or until ``job`` is stopping (checked between
+    batches, and its pause ends at once on stop)."""
+    try:
+        while not job.stopping:
+            if not await store.delete_expired(days, RETENTION_BATCH):
+                return
+            if await job.sleep(RETENTION_PAUSE_S):
+                return
+    except DB_ERRORS as e:
+        log.warning("webhook retention: database unavailable (%s)", type(e).__name__)
 
 
 def webhook_jobs(settings: Settings, telemetry: Telemetry | None) -> WebhookJobs | None:

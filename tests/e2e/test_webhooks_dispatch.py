@@ -64,6 +64,13 @@ async def test_publish_is_delivered_within_1s_signed_for_both_kinds_of_secret(
         # Polling far apart: only the NOTIFY of the publish can wake the dispatcher in time.
         async with dispatching(migrated_dsn, poll_s=30) as jobs:
             await within(5, holds(lambda: jobs.listening))
+            # The LISTEN connection is one of the jobs whose failures /metrics counts.
+            assert {job.name for job in jobs.jobs} == {
+                "webhook-dispatcher",
+                "flatrender-edge-webhooks",
+                "webhook-retention",
+                "webhook-figures",
+            }
             started = time.monotonic()
             event_id = await publish(db, tenant, "render.completed", {"render_seconds": 3})
             await within(5, holds(lambda: bool(a.received and b.received)))

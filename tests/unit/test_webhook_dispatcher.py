@@ -13,11 +13,12 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+from proxy.background import Job
 from proxy.settings import TelemetrySettings, WebhookSettings
 from proxy.telemetry import Telemetry
 from proxy.webhooks.destinations import Policy
 from proxy.webhooks.dispatcher import ATTEMPT_OUTCOMES, Dispatcher, outcome_label
-from proxy.webhooks.runner import WebhookJobs
+from proxy.webhooks.runner import WebhookJobs, delete_expired
 from proxy.webhooks.store import Claim, Outcome, Recorded
 from tests.e2e.webhooks import LOOPBACK, Receiver, receiving
 
@@ -189,3 +190,25 @@ async def test_stop_waits_for_the_attempt_in_flight(
         await receiver.arrived.wait()
     await job.stop()  # while the receiver is still answering
     assert [o.error for _c, o, _r in store.recorded] == [None]
+
+
+class EndlessBacklog:
+    """Retention's store with always more to delete; asks ``job`` to stop at the third batch."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.batches = 0
+
+    async def delete_expired(self, days: int, batch: int) -> int:
+        self.batches += 1
+        if self.batches == 3:
+            await self.job.stop()
+        return batch
+
+
+async def test_retention_ends_between_batches_once_its_job_is_stopping() -> None:
+    job = Job("webhook-retention")
+    store = EndlessBacklog(job)
+    async with asyncio.timeout(WAIT):  # a bound on the test: without the check it never ends
+        await delete_expired(store, 30, job)  # type: ignore[arg-type]
+    assert store.batches == 3
