@@ -184,6 +184,10 @@ def quota_metrics(quotas: QuotaStore) -> Iterator[Metric]:
     yield counter(
         "edge_quota_rebuilds", "Month counts rebuilt from renders_started", [], [([], c.rebuilds)]
     )
+    if isinstance(quotas, RedisQuotaStore):
+        yield gauge(
+            "edge_quota_redis_healthy", "1 while the render quota reaches Redis", quotas.healthy
+        )
 
 
 def pool_metrics(routing: Routing) -> Callable[[], Iterable[Metric]]:

@@ -14,6 +14,7 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
+from proxy.app import quota_metrics
 from proxy.core.quota import month_id
 from proxy.errors import RateLimiterUnavailable, TenantStoreUnavailable
 from proxy.stores.quota import QUOTA_SCRIPT, RedisQuotaStore, quota_keys
@@ -322,8 +323,10 @@ async def test_a_commit_that_ran_late_is_not_counted_again_by_its_replay(
         own_redis.pause()
         quotas.settle(TENANT, month, held.reservation, True)
         await within(5, lambda: _not_healthy(quotas))
+        assert _healthy_gauge(quotas) == 0.0  # /metrics: edge_quota_redis_healthy
         own_redis.resume()
         await within(5, lambda: _healthy(quotas))
+        assert _healthy_gauge(quotas) == 1.0
         count_key, held_key = quota_keys(TENANT, month)[:2]
         assert int(await raw.get(count_key)) == 1
         assert await raw.zcard(held_key) == 0
@@ -387,6 +390,11 @@ async def test_a_reserve_whose_caller_left_gives_its_unit_back(
 
 async def _in_flight(quotas: RedisQuotaStore) -> bool:
     return bool(quotas._inflight)
+
+
+def _healthy_gauge(quotas: RedisQuotaStore) -> float:
+    (family,) = [m for m in quota_metrics(quotas) if m.name == "edge_quota_redis_healthy"]
+    return float(family.samples[0].value)
 
 
 async def _zcard_is(raw: aioredis.Redis, key: str, n: int) -> bool:
