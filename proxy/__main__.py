@@ -162,6 +162,12 @@ def _serve(args: argparse.Namespace) -> int:
         return _with_overrides(load_settings(os.environ, args.config), args)
 
     settings = _with_overrides(_validated(args.config), args)
+    metered = any(route.meter == "renders" for route in settings.routes)
+    if args.workers > 1 and settings.redis_url is None and metered:
+        raise ConfigError(
+            f'--workers {args.workers}: a metered route (meter = "renders") needs REDIS_URL'
+            " to count the quota exactly across processes"
+        )
     _check_bindable(settings)
 
     def worker(workers: WorkerSet | None = None) -> int:

@@ -708,6 +708,26 @@ def _route(t: _Table, upstreams: Mapping[str, UpstreamSettings]) -> RouteSetting
     return s
 
 
+def _quota_lease_problem(
+    ratelimit: RatelimitSettings,
+    upstreams: Mapping[str, UpstreamSettings],
+    routes: tuple[RouteSettings, ...],
+) -> str | None:
+    """A render-quota reservation is held until the upstream answers: a lease that can end
+    first frees a unit still in use, and the quota admits one more than it should."""
+    waits = [
+        upstreams[r.upstream].read_timeout_s
+        for r in routes
+        if r.meter == "renders" and r.upstream in upstreams
+    ]
+    if waits and ratelimit.quota_lease_s <= max(waits):
+        return (
+            f"ratelimit.quota_lease_s: {ratelimit.quota_lease_s} must be above the longest"
+            f" read_timeout_s of a metered route's upstream ({max(waits):g})"
+        )
+    return None
+
+
 def parse_settings(data: Mapping[str, Any], env: Mapping[str, str], config_path: Path) -> Settings:
     """Build ``Settings`` from parsed TOML ``data`` and ``env`` (which wins over the file).
 
@@ -746,6 +766,9 @@ def parse_settings(data: Mapping[str, Any], env: Mapping[str, str], config_path:
         if r.prefix in seen:
             root.problems.append(f"routes[{i}].prefix: duplicate prefix {r.prefix!r}")
         seen.add(r.prefix)
+    lease_problem = _quota_lease_problem(ratelimit, upstreams, routes)
+    if lease_problem:
+        root.problems.append(lease_problem)
     root.finish()
 
     redis_mode = env.get("REDIS_MODE", "standalone")

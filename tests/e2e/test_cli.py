@@ -96,6 +96,22 @@ def test_bad_arguments_exit_non_zero() -> None:
     assert run("frobnicate").returncode == 2
 
 
+def test_workers_on_a_metered_route_need_redis() -> None:
+    """The shipped configuration meters /v1/renders: an in-process quota per worker would
+    admit the quota once per process."""
+    result = run(
+        "serve",
+        "--workers",
+        "2",
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+        "--admin-listen",
+        f"127.0.0.1:{free_port()}",
+    )
+    assert_one_line_error(result, "--workers 2", "REDIS_URL")
+    assert result.returncode == 2
+
+
 def test_migrate_twice_via_cli(postgres_server: PostgresServer) -> None:
     dsn = postgres_server.create_database(f"cli_{uuid.uuid4().hex[:12]}")
     first = run("migrate", env={"DATABASE_URL": dsn})

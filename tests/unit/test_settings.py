@@ -124,6 +124,33 @@ def test_metered_route() -> None:
 
 
 @pytest.mark.parametrize(
+    ("lease_s", "read_timeout_s", "meter", "refused"),
+    [
+        (60, 60, "renders", True),  # the lease may end while the upstream still answers
+        (30, 60, "renders", True),
+        (61, 60, "renders", False),
+        (30, 60, None, False),  # no metered route: no reservation to hold
+    ],
+)
+def test_the_quota_lease_outlasts_a_metered_routes_read_timeout(
+    lease_s: int, read_timeout_s: int, meter: str | None, refused: bool
+) -> None:
+    data = _with("ratelimit.quota_lease_s", lease_s)
+    data["upstreams"]["render-api"]["read_timeout_s"] = read_timeout_s
+    if meter is not None:
+        data["routes"][0].update(meter=meter, audit=True)
+    if not refused:
+        assert _parse(data).ratelimit.quota_lease_s == lease_s
+        return
+    with pytest.raises(ConfigError) as raised:
+        _parse(data)
+    assert raised.value.problems == (
+        f"ratelimit.quota_lease_s: {lease_s} must be above the longest read_timeout_s"
+        f" of a metered route's upstream ({read_timeout_s})",
+    )
+
+
+@pytest.mark.parametrize(
     ("listen", "expected"),
     [
         ("0.0.0.0:8080", HostPort("0.0.0.0", 8080)),
