@@ -51,7 +51,10 @@ def _config(tmp: Path, echo: Echo) -> Path:
     scopes = {"GET": "renders:read", "POST": "renders:create"}
     path = write_config(
         tmp / "edge.toml",
-        tenancy={"platform_domains": [APEX]},
+        # Each test creates its tenant and key while the proxies run and uses them at once:
+        # names looked up on use, not held from a preload (where a new name is known once its
+        # NOTIFY arrives, within the contract's second but not before the first request).
+        tenancy={"platform_domains": [APEX], "preload_max_entries": 0},
         upstreams={"render-api": {"urls": [echo.url]}, "dead": {"urls": [dead]}},
         routes=[
             {"prefix": "/v1/renders", "upstream": "render-api", "scopes": scopes, **metered},
