@@ -20,33 +20,59 @@ import asyncpg
 
 NOTIFY_CHANNEL = "flatrender_edge_deliveries"
 
-# The scan looks at the earliest due rows only (the partial index on next_retry_at), without
-# the webhooks already at their cap in this process, then keeps at most `room` per webhook:
-# one receiver's backlog never fills a claim.
+# Both the claim and the next-due lookup walk the partial index on (webhook_id, next_retry_at,
+# id) with row comparisons, one index probe a step (a loose index scan: PostgreSQL wiki,
+# "Loose indexscan"), taking a webhook's earliest rows while it has room and jumping past the
+# rest of it otherwise: the cost follows the number of webhooks waiting and the rows taken,
+# never the length of one webhook's backlog (a black-holed receiver's, at its cap here).
+# Every ORDER BY is that index's order, so no other index can serve it. A webhook's room is 0
+# when it is at its cap in this process ($2), its own figure when busy ($3/$4), else $5.
 CLAIM = """
-WITH scan AS (
-    SELECT d.id, d.webhook_id, d.next_retry_at
-      FROM identity.tenant_webhook_deliveries d
-     WHERE d.succeeded = false AND d.next_retry_at IS NOT NULL AND d.next_retry_at <= now()
-       AND NOT (d.webhook_id = ANY($2::uuid[]))
-     ORDER BY d.next_retry_at
-     LIMIT $6
-), ranked AS (
-    SELECT s.id, s.next_retry_at,
-           row_number() OVER (PARTITION BY s.webhook_id ORDER BY s.next_retry_at, s.id) AS n,
-           coalesce(busy.room, $5) AS room
-      FROM scan s
-      LEFT JOIN unnest($3::uuid[], $4::int[]) AS busy(webhook_id, room)
-             ON busy.webhook_id = s.webhook_id
+WITH RECURSIVE room(webhook_id, n) AS (
+    SELECT webhook_id, 0 FROM unnest($2::uuid[]) AS full_(webhook_id)
+    UNION ALL
+    SELECT * FROM unnest($3::uuid[], $4::int[])
+), walk(webhook_id, next_retry_at, id, n, room, take) AS (
+    SELECT f.webhook_id, f.next_retry_at, f.id, 1, r.room,
+           r.room >= 1 AND f.next_retry_at <= now()
+      FROM (SELECT d.webhook_id, d.next_retry_at, d.id
+              FROM identity.tenant_webhook_deliveries d
+             WHERE d.succeeded = false AND d.next_retry_at IS NOT NULL
+             ORDER BY d.webhook_id, d.next_retry_at, d.id LIMIT 1) f
+     CROSS JOIN LATERAL (
+         SELECT coalesce((SELECT min(n) FROM room WHERE room.webhook_id = f.webhook_id), $5)
+             AS room) r
+    UNION ALL
+    SELECT x.webhook_id, x.next_retry_at, x.id, x.n, x.room, x.n <= x.room
+           AND x.next_retry_at <= now()
+      FROM walk w
+     CROSS JOIN LATERAL (
+         SELECT d.webhook_id, d.next_retry_at, d.id
+           FROM identity.tenant_webhook_deliveries d
+          WHERE d.succeeded = false AND d.next_retry_at IS NOT NULL
+            AND (d.webhook_id, d.next_retry_at, d.id) > (
+                w.webhook_id,
+                CASE WHEN w.take AND w.n < w.room THEN w.next_retry_at
+                     ELSE 'infinity'::timestamptz END,
+                w.id)
+          ORDER BY d.webhook_id, d.next_retry_at, d.id LIMIT 1) nx
+     CROSS JOIN LATERAL (
+         SELECT nx.webhook_id, nx.next_retry_at, nx.id,
+                CASE WHEN nx.webhook_id = w.webhook_id THEN w.n + 1 ELSE 1 END AS n,
+                CASE WHEN nx.webhook_id = w.webhook_id THEN w.room
+                     ELSE coalesce((SELECT min(n) FROM room WHERE room.webhook_id = nx.webhook_id),
+                                   $5) END AS room) x
+), scan AS (
+    SELECT id, next_retry_at FROM walk WHERE take
 ), pick AS (
     SELECT d.id
       FROM identity.tenant_webhook_deliveries d
-     WHERE d.id IN (SELECT id FROM ranked WHERE n <= room ORDER BY next_retry_at LIMIT $1)
+     WHERE d.id IN (SELECT id FROM scan ORDER BY next_retry_at LIMIT $1)
        AND d.succeeded = false AND d.next_retry_at IS NOT NULL AND d.next_retry_at <= now()
        FOR UPDATE OF d SKIP LOCKED
 )
 UPDATE identity.tenant_webhook_deliveries d
-   SET next_retry_at = clock_timestamp() + make_interval(secs => $7),
+   SET next_retry_at = clock_timestamp() + make_interval(secs => $6),
        lease_token = gen_random_uuid()
   FROM pick, identity.tenant_webhooks w
  WHERE d.id = pick.id AND w.id = d.webhook_id
@@ -115,9 +141,21 @@ UPDATE identity.tenant_webhook_deliveries
 # Seconds until the earliest waiting row is due (or its lease ends): when to look again. The
 # webhooks at their cap here are left out (a freed slot wakes the dispatcher anyway).
 NEXT_DUE = """
+WITH RECURSIVE firsts(webhook_id, next_retry_at) AS (
+    (SELECT webhook_id, next_retry_at FROM identity.tenant_webhook_deliveries
+      WHERE succeeded = false AND next_retry_at IS NOT NULL
+      ORDER BY webhook_id, next_retry_at, id LIMIT 1)
+    UNION ALL
+    SELECT nx.webhook_id, nx.next_retry_at
+      FROM firsts f
+     CROSS JOIN LATERAL (
+         SELECT d.webhook_id, d.next_retry_at FROM identity.tenant_webhook_deliveries d
+          WHERE d.succeeded = false AND d.next_retry_at IS NOT NULL
+            AND d.webhook_id > f.webhook_id
+          ORDER BY d.webhook_id, d.next_retry_at, d.id LIMIT 1) nx
+)
 SELECT extract(epoch FROM min(next_retry_at) - clock_timestamp())::float8
-  FROM identity.tenant_webhook_deliveries
- WHERE succeeded = false AND next_retry_at IS NOT NULL AND NOT (webhook_id = ANY($1::uuid[]))
+  FROM firsts WHERE NOT (webhook_id = ANY($1::uuid[]))
 """
 
 FIGURES = """
@@ -210,10 +248,9 @@ class Recorded:
 
 
 class DeliveryStore:
-    def __init__(self, pool: asyncpg.Pool, *, lease_s: float, scan_rows: int = 1000) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, lease_s: float) -> None:
         self._pool = pool
         self._lease = lease_s
-        self._scan = scan_rows
 
     async def claim(self, limit: int, room: Mapping[str, int], per_webhook: int) -> list[Claim]:
         """At most ``limit`` due attempts, at most ``room[w]`` (else ``per_webhook``) of
@@ -227,7 +264,6 @@ class DeliveryStore:
             busy,
             [room[w] for w in busy],
             per_webhook,
-            max(self._scan, limit * 4),
             self._lease,
         )
         return [Claim(**dict(r)) for r in rows]

@@ -28,6 +28,7 @@ ALL = [
     "005_edge_outbox.sql",
     "006_edge_domains.sql",
     "009_edge_scale.sql",
+    "010_edge_webhooks_fixes.sql",
 ]
 DEFAULT_TENANT = uuid.UUID("00000000-0000-0000-0000-000000000001")
 IDENTITY_TABLES = {

@@ -179,10 +179,13 @@ async def test_bad_events_are_refused(
 
 async def test_render_metering_per_utc_day(db: asyncpg.Connection) -> None:
     tenant, other = await new_tenant(db), await new_tenant(db)
+    hook = await add_webhook(db, tenant, "https://hooks.example.com/a", ["render.completed"])
+    # The publisher's session is at UTC+03:30: 23:30 UTC on May 1 is 03:00 on May 2 there.
+    await db.execute("SET TimeZone = 'Asia/Tehran'")
     day1 = datetime(2026, 5, 1, 23, 30, tzinfo=UTC)
     day2 = datetime(2026, 5, 2, 0, 30, tzinfo=UTC)
     done = {"render_seconds": 10.5, "compute_seconds": 40}
-    await publish(db, tenant, "render.completed", done, occurred_at=day1)
+    first = await publish(db, tenant, "render.completed", done, occurred_at=day1)
     await publish(db, tenant, "render.completed", {"render_seconds": 2}, occurred_at=day1)
     await publish(db, tenant, "render.failed", {"render_seconds": 99}, occurred_at=day1)
     await publish(db, tenant, "render.completed", {}, occurred_at=day2)
@@ -192,7 +195,7 @@ async def test_render_metering_per_utc_day(db: asyncpg.Connection) -> None:
         "renders_started": 0,  # counted by the edge itself (§13), never here
         "renders_completed": 2,
         "renders_failed": 1,
-        "render_seconds": 13,  # 10.5 rounds to 11, plus 2; a failure's seconds are not metered
+        "render_seconds": 12,  # the floor of 10.5 + 2; a failure's seconds are not metered
         "render_compute_sec": 40,
     }
     assert await usage(db, tenant, day2.date()) == {
@@ -203,6 +206,22 @@ async def test_render_metering_per_utc_day(db: asyncpg.Connection) -> None:
         "render_compute_sec": 0,
     }
     assert (await usage(db, other, day2.date()))["renders_failed"] == 1
+    payload = next(r["payload"] for r in await attempts(db, hook) if str(r["event_id"]) == first)
+    assert orjson.loads(payload)["timestamp"] == "2026-05-01T23:30:00.000000Z"
+    await db.execute("RESET TimeZone")
+
+
+async def test_fractional_seconds_are_metered_exactly_over_events(db: asyncpg.Connection) -> None:
+    tenant = await new_tenant(db)
+    at = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+    for _ in range(3):
+        data = {"render_seconds": 0.4, "compute_seconds": 0.7}
+        await publish(db, tenant, "render.completed", data, occurred_at=at)
+    got = await usage(db, tenant, at.date())
+    # The BIGINT columns hold the floor of the exact sums (1.2 and 2.1), not a sum of roundings.
+    assert (got["render_seconds"], got["render_compute_sec"]) == (1, 2)
+    await publish(db, tenant, "render.completed", {"render_seconds": 0.8}, occurred_at=at)
+    assert (await usage(db, tenant, at.date()))["render_seconds"] == 2  # 2.0 exactly
 
 
 async def test_dispatchers_are_notified_at_commit_only(db: asyncpg.Connection, dsn: str) -> None:

@@ -10,9 +10,10 @@ import io
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from typing import Any
 
 import asyncpg
 import orjson
@@ -24,7 +25,7 @@ from proxy.access_log import AccessLog
 from proxy.settings import TelemetrySettings
 from proxy.stores.postgres import create_pool
 from proxy.telemetry import Telemetry
-from proxy.webhooks.store import DeliveryStore, Outcome
+from proxy.webhooks.store import CLAIM, NEXT_DUE, DeliveryStore, Outcome
 from tests.e2e.support import within
 from tests.e2e.test_cli import assert_one_line_error, run
 from tests.e2e.webhooks import (
@@ -557,6 +558,59 @@ async def test_disabling_does_not_wait_on_an_attempt_still_recording(
         "SELECT * FROM identity.tenant_webhook_deliveries WHERE id = $1", second.id
     )
     assert row["next_retry_at"] is None and row["error_message"] == "webhook_disabled"
+
+
+def plan_nodes(plan: Any) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", ()):
+        yield from plan_nodes(child)
+
+
+async def test_a_capped_webhooks_backlog_is_passed_over_on_the_index(
+    db: asyncpg.Connection, migrated_dsn: str
+) -> None:
+    tenant = await new_tenant(db)
+    capped = await add_webhook(db, tenant, "https://a.example/")
+    other = await add_webhook(db, tenant, "https://b.example/")
+    # 20,000 due attempts of a webhook at its cap here, all due before the other's one.
+    await db.execute(
+        """INSERT INTO identity.tenant_webhook_deliveries (webhook_id, tenant_id, event_type,
+           event_id, payload, request_url, next_retry_at)
+           SELECT $1, $2, 'render.completed', gen_random_uuid(), '{}', 'https://a.example/',
+                  now() - make_interval(secs => i) FROM generate_series(1, 20000) AS i""",
+        capped,
+        tenant,
+    )
+    mine = await publish(db, tenant)
+    await db.execute(
+        "DELETE FROM identity.tenant_webhook_deliveries WHERE event_id = $1 AND webhook_id = $2",
+        mine,
+        capped,
+    )
+    await db.execute("VACUUM ANALYZE identity.tenant_webhook_deliveries")
+    for sql in (NEXT_DUE, CLAIM):
+        args = ([capped],) if sql is NEXT_DUE else (10, [capped], [], [], 4, 30)
+        explaining = db.transaction()
+        await explaining.start()
+        try:
+            (explained,) = orjson.loads(
+                await db.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, *args)
+            )
+        finally:
+            await explaining.rollback()  # the claim's lease, taken to measure it
+        read = sum(
+            node["Actual Rows"] * node["Actual Loops"] + node.get("Rows Removed by Filter", 0)
+            for node in plan_nodes(explained["Plan"])
+            if node.get("Relation Name") == "tenant_webhook_deliveries"
+        )
+        # A handful of index entries, not the capped webhook's 20,000 rows.
+        assert read < 100, (sql, read)
+    async with store_of(migrated_dsn) as store:
+        claimed = await store.claim(10, {capped: 0}, per_webhook=4)
+        assert [(c.webhook_id, c.event_id) for c in claimed] == [(other, mine)]
+        # The next due time (the other's lease) leaves the capped webhook's backlog out.
+        due_in = await store.next_due_in([capped])
+        assert due_in is not None and due_in > 20
 
 
 async def test_retention_deletes_old_events_and_finished_attempts(
