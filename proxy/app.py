@@ -11,7 +11,7 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -408,6 +408,33 @@ def build_app(
     return app
 
 
+async def healthz(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def metrics_handler(
+    telemetry: Telemetry | None, workers: WorkerSet | None = None
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def metrics(_request: web.Request) -> web.Response:
+        """Prometheus text exposition (prometheus-client): this worker's figures, or with
+        ``--workers N`` every worker's, labelled by worker (proxy.worker_metrics)."""
+        body = telemetry.exposition() if telemetry is not None else b""
+        if workers is not None:
+            body = await all_workers(workers, body)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    return metrics
+
+
+def build_health_app(telemetry: Telemetry) -> web.Application:
+    """``/healthz`` and ``/metrics`` alone: the admin listener of a process that serves no
+    traffic (``webhooks run --admin-listen``)."""
+    admin = web.Application()
+    admin.router.add_get("/healthz", healthz)
+    admin.router.add_get("/metrics", metrics_handler(telemetry))
+    return admin
+
+
 def build_admin_app(
     stores: Stores,
     platform_domains: tuple[str, ...],
@@ -418,9 +445,6 @@ def build_admin_app(
 ) -> web.Application:
     """The admin listener: never on the public port (CONTRACT §10). ``/readyz`` turns 503 as
     soon as a drain starts, so load balancers stop sending before the listener closes."""
-
-    async def healthz(_request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
 
     async def readyz(_request: web.Request) -> web.Response:
         ready = not (draining and draining.is_set()) and await stores.ready()
@@ -445,14 +469,6 @@ def build_admin_app(
         )
         return web.json_response({"allowed": allowed}, status=200 if allowed else 404)
 
-    async def metrics(_request: web.Request) -> web.Response:
-        """Prometheus text exposition (prometheus-client): this worker's figures, or with
-        ``--workers N`` every worker's, labelled by worker (proxy.worker_metrics)."""
-        body = telemetry.exposition() if telemetry is not None else b""
-        if workers is not None:
-            body = await all_workers(workers, body)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
     async def explain(request: web.Request) -> web.Response:
         """What the public listener would answer (CONTRACT §10, ``pipeline.explain``)."""
         assert explainer is not None
@@ -466,7 +482,7 @@ def build_admin_app(
     if explainer is not None:
         admin.router.add_get("/explain", explain)
     admin.router.add_get("/healthz", healthz)
-    admin.router.add_get("/metrics", metrics)
+    admin.router.add_get("/metrics", metrics_handler(telemetry, workers))
     admin.router.add_get("/readyz", readyz)
     admin.router.add_get("/tls/allowed", tls_allowed)
     return admin

@@ -18,7 +18,7 @@ import asyncpg
 import orjson
 
 from proxy.core.events import valid_type
-from proxy.settings import ConfigError, load_settings
+from proxy.settings import ConfigError, load_settings, parse_host_port
 
 _T = TypeVar("_T")
 
@@ -40,6 +40,7 @@ def add_commands(sub: Any) -> None:
     hooks_sub = hooks.add_subparsers(dest="webhooks_command", required=True)
     run = hooks_sub.add_parser("run", help="run a dispatcher alone until SIGTERM")
     run.add_argument("--config", help="TOML file (default: $EDGE_CONFIG or config/edge.toml)")
+    run.add_argument("--admin-listen", help="HOST:PORT serving /metrics and /healthz")
     enable = hooks_sub.add_parser("enable", help="re-enable a disabled webhook")
     enable.add_argument("webhook_id", metavar="WEBHOOK_ID")
     replay = hooks_sub.add_parser("replay", help="deliver an event again")
@@ -118,12 +119,13 @@ def _run(args: argparse.Namespace) -> int:
     from proxy.logs import start_logging
     from proxy.webhooks.runner import run_alone
 
+    admin = parse_host_port(args.admin_listen, "--admin-listen") if args.admin_listen else None
     settings = load_settings(os.environ, args.config)
     if settings.database_url is None:
         raise ConfigError("DATABASE_URL: required by webhooks run")
     listener = start_logging()
     try:
-        uvloop.run(run_alone(settings))
+        uvloop.run(run_alone(settings, admin))
     finally:
         listener.stop()
     return 0

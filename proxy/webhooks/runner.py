@@ -17,12 +17,13 @@ from dataclasses import replace
 
 import aiohttp
 import asyncpg
+from aiohttp import web
 from aiohttp.abc import AbstractResolver
 from prometheus_client.core import Metric
 
 from proxy.access_log import AccessLog
-from proxy.background import Job, Periodic
-from proxy.settings import Settings, WebhookSettings
+from proxy.background import Job, Periodic, job_failures
+from proxy.settings import HostPort, Settings, WebhookSettings
 from proxy.stores.postgres import DB_ERRORS, ChangeListener, close_pool, create_pool
 from proxy.telemetry import Telemetry, gauge
 from proxy.webhooks.destinations import GuardedResolver, Policy
@@ -200,20 +201,31 @@ def webhook_jobs(settings: Settings, telemetry: Telemetry | None) -> WebhookJobs
     )
 
 
-async def run_alone(settings: Settings) -> None:
-    """``python -m proxy webhooks run``: the jobs until SIGTERM/SIGINT, then a clean stop."""
+async def run_alone(settings: Settings, admin_listen: HostPort | None = None) -> None:
+    """``python -m proxy webhooks run``: the jobs until SIGTERM/SIGINT, then a clean stop; with
+    ``admin_listen``, ``/metrics`` and ``/healthz`` there meanwhile."""
+    from proxy.app import build_health_app  # the server's module imports this one
+
     telemetry = Telemetry(settings.telemetry)
     alone = replace(settings, webhooks=replace(settings.webhooks, enabled=True))
     jobs = webhook_jobs(alone, telemetry)
     assert jobs is not None
+    telemetry.collect_from(lambda: [job_failures(jobs.jobs)])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    admin: web.AppRunner | None = None
+    if admin_listen is not None:
+        admin = web.AppRunner(build_health_app(telemetry), access_log=None)
+        await admin.setup()
+        await web.TCPSite(admin, admin_listen.host, admin_listen.port).start()
     await jobs.start()
-    log.warning("webhook dispatcher running")
+    log.warning("webhook dispatcher running (admin on %s)", admin_listen)
     try:
         await stop.wait()
     finally:
         await jobs.stop()
+        if admin is not None:
+            await admin.cleanup()
         telemetry.shutdown()

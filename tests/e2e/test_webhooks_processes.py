@@ -22,8 +22,9 @@ import orjson
 import pytest
 
 from tests.e2e.support import within
+from tests.e2e.test_cli import assert_one_line_error, run
 from tests.e2e.webhooks import add_webhook, holds, new_tenant, publish, receiving
-from tests.procs import ROOT, start_proxy, stop, write_config
+from tests.procs import ROOT, free_port, start_proxy, stop, write_config
 
 
 @pytest.fixture
@@ -44,12 +45,12 @@ def config(tmp: Path, **webhooks: Any) -> Path:
 
 
 @contextmanager
-def dispatcher(path: Path, dsn: str) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+def dispatcher(path: Path, dsn: str, *args: str) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     """`python -m proxy webhooks run`; its output (log and attempt lines) goes to a file."""
     log = Path(tempfile.mkstemp(prefix="edge-webhooks-", suffix=".log")[1])
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "webhooks", "run", "--config", str(path)],
+        [sys.executable, "-m", "proxy", "webhooks", "run", "--config", str(path), *args],
         cwd=ROOT,
         env={**env, "DATABASE_URL": dsn},
         stdout=log.open("wb"),
@@ -201,3 +202,40 @@ async def test_serve_runs_a_dispatcher_and_shows_its_figures(
     # Its jobs are in the server's one failures family (a second family would be invalid).
     assert 'edge_background_job_failures_total{background_job="webhook-dispatcher"} 0.0' in text
     assert text.count("# TYPE edge_background_job_failures_total counter") == 1
+
+
+def get(url: str) -> tuple[int, str]:
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        return answer.status, answer.read().decode()
+
+
+async def test_webhooks_run_serves_metrics_and_healthz_on_its_admin_listener(
+    db: asyncpg.Connection, migrated_dsn: str, tmp_path: Path
+) -> None:
+    tenant = await new_tenant(db)
+    port = free_port()
+    async with receiving() as r:
+        await add_webhook(db, tenant, r.url())
+        path = config(tmp_path)
+        with dispatcher(path, migrated_dsn, "--admin-listen", f"127.0.0.1:{port}"):
+            event_id = await publish(db, tenant)
+            await within(10, holds(lambda: r.ids() == [event_id]))
+
+            def metrics() -> str:
+                return get(f"http://127.0.0.1:{port}/metrics")[1]
+
+            await within(5, holds(lambda: 'outcome="success"} 1.0' in metrics()))
+            text = await asyncio.to_thread(metrics)
+            health = await asyncio.to_thread(get, f"http://127.0.0.1:{port}/healthz")
+    assert health == (200, '{"status": "ok"}')
+    assert "edge_webhook_attempt_duration_seconds_count 1.0" in text
+    assert "edge_webhook_attempts_due" in text
+    # Every job of the dispatcher, its LISTEN connection included, in the failures family.
+    for job in ("webhook-dispatcher", "flatrender-edge-webhooks", "webhook-retention"):
+        assert f'edge_background_job_failures_total{{background_job="{job}"}} 0.0' in text
+
+
+def test_webhooks_run_refuses_a_bad_admin_listen() -> None:
+    result = run("webhooks", "run", "--admin-listen", "nowhere", env={"DATABASE_URL": "x"})
+    assert result.returncode == 2
+    assert_one_line_error(result, "--admin-listen")
