@@ -591,9 +591,9 @@ async def serve(
         await verifier.close()
     log.warning("shutting down: draining in-flight requests")
     listener.close()  # stop accepting; the runner then drains the open connections
-    if webhooks is not None:
-        await webhooks.stop()
-    await runner.cleanup()
+    # The webhook attempts in flight (up to webhooks.timeout_s) finish while the connections
+    # drain, not before the drain begins.
+    await asyncio.gather(runner.cleanup(), *([webhooks.stop()] if webhooks is not None else []))
     await admin.cleanup()
     if own_metrics is not None:
         await own_metrics.cleanup()

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -239,3 +240,31 @@ def test_webhooks_run_refuses_a_bad_admin_listen() -> None:
     result = run("webhooks", "run", "--admin-listen", "nowhere", env={"DATABASE_URL": "x"})
     assert result.returncode == 2
     assert_one_line_error(result, "--admin-listen")
+
+
+async def test_serve_drains_its_connections_while_webhook_attempts_finish(
+    db: asyncpg.Connection, migrated_dsn: str, tmp_path: Path
+) -> None:
+    tenant = await new_tenant(db)
+    async with receiving(hang=True) as hole:
+        await add_webhook(db, tenant, hole.url())
+        path = config(tmp_path, timeout_s=6)
+        proxy = start_proxy(path, env={"DATABASE_URL": migrated_dsn})
+        try:
+            await publish(db, tenant)
+            await within(10, holds(lambda: bool(hole.received)))  # an attempt of up to 6 s
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(b"GET /anything HTTP/1.1\r\nHost: edge.test\r\n\r\n")
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert b"connection: close" not in head.lower()  # kept alive, now idle
+            proxy.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            await asyncio.wait_for(reader.read(), 10)  # the rest of the answer, then the close
+            closed_after = time.monotonic() - signalled
+            writer.close()
+            assert await asyncio.to_thread(proxy.proc.wait, 15) == 0
+        finally:
+            stop(proxy.proc)
+    # The drain closed the idle connection at once, not after the webhook attempt ended.
+    assert closed_after < 3, closed_after
