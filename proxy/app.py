@@ -257,7 +257,7 @@ class Stores:
             x.job for x in held if isinstance(x, UsageRecorder | JsonlAuditSink | PostgresAuditSink)
         ]
         if self.identity is not None:
-            own.append(self.identity.listener)
+            own += [self.identity.listener, self.identity.preload]
         return [*own, *self.more_jobs]
 
     async def ready(self) -> bool:

@@ -235,6 +235,32 @@ class RecoveryProbe(Job):
             return
 
 
+class Once(Job):
+    """``action`` once, to its end; after an unexpected exception it is restarted with backoff
+    until it completes. ``restart`` abandons the one under way and begins again at once (its
+    result would be stale: a preload after the LISTEN link reconnected, say); ``stop`` abandons
+    it too, since a half-done action holds nothing to hand back."""
+
+    def __init__(
+        self, name: str, action: Callable[[], Awaitable[None]], **job_options: Any
+    ) -> None:
+        super().__init__(name, **job_options)
+        self._action = action
+
+    async def run(self) -> None:
+        await self._action()
+
+    def restart(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+        self.start()
+
+    def wake(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
 async def cancel(task: asyncio.Task[Any] | None) -> None:
     """Cancel ``task`` and wait until it has finished."""
     if task is None:

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
+from proxy.background import Once
 from proxy.core.apikeys import ApiKey
 from proxy.core.backoff import backoff_s
 from proxy.core.tenancy import Tenant
@@ -57,7 +58,9 @@ class CachedIdentityStore:
         if not preload_max_entries:
             self.preloaded.set()
         self._touched: set[TenantKey] | None = None  # named by NOTIFY during a preload
-        self._preload_task: asyncio.Task[None] | None = None
+        # A bug in a callback, or an unexpected answer: logged, counted, retried with backoff,
+        # never a preload that died silently leaving /readyz at 503.
+        self.preload = Once("preload", self._preload)
         self.budgeted = BudgetedLoads(max_miss_lookups_per_s, timeout_s, max_known=max_entries)
         self.freezer = GrowthFreezer()
 
@@ -171,9 +174,7 @@ class CachedIdentityStore:
         self.challenges.clear()
         if self._preload_max:
             self.index.reset()
-            if self._preload_task is not None:
-                self._preload_task.cancel()
-            self._preload_task = asyncio.get_running_loop().create_task(self._preload())
+            self.preload.restart()
 
     async def _preload(self) -> None:
         touched = self._touched = set()
@@ -201,9 +202,12 @@ class CachedIdentityStore:
                     failures += 1
                     delay = backoff_s(failures, base_s=0.5, cap_s=10.0, jitter=random.random())
                     log.warning("preload failed (%s); retrying in %.1fs", type(e).__name__, delay)
-                    await asyncio.sleep(delay)
+                    if await self.preload.sleep(delay):
+                        return
         finally:
-            self._touched = None
+            # A restarted preload's set is not this one's to clear.
+            if self._touched is touched:
+                self._touched = None
         if n is None:
             log.warning(
                 "preload: more than tenancy.preload_max_entries (%d) names; looking them up"
@@ -226,9 +230,8 @@ class CachedIdentityStore:
         self.listener.start()
 
     async def close(self) -> None:
-        if self._preload_task is not None:
-            self._preload_task.cancel()
-        await self.listener.close()
+        await self.listener.close()  # first: its reconnection would start a preload again
+        await self.preload.stop()
         for cache in (self.tenants, self.keys, self.challenges):
             await cache.close()
         await self.db.close()
