@@ -42,6 +42,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     at: float  # time.monotonic()
+    wall: float  # time.time(): comparable with Postgres's timestamps on this machine
 
     @property
     def event_id(self) -> str:
@@ -71,7 +72,9 @@ class Receiver:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        self.received.append(Received(request.path, dict(request.headers), body, time.monotonic()))
+        self.received.append(
+            Received(request.path, dict(request.headers), body, time.monotonic(), time.time())
+        )
         self.arrived.set()
         if self.hang:
             await asyncio.Event().wait()
