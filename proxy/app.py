@@ -511,6 +511,12 @@ async def serve(
     (up to ``shutdown_timeout_s``) before the stores drain. SIGHUP re-reads the routes and
     upstreams through ``reload`` without dropping a connection; a bad file is logged and the
     running configuration stays."""
+    # Before anything listens: a stop that comes during start-up is honoured once it is done,
+    # rather than killing the process (the signal's default action) with connections accepted.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     app = build_app(settings, stores)
     s = settings.server
     handler_kwargs = runner_kwargs(settings)
@@ -577,10 +583,6 @@ async def serve(
     log.warning("listening on %s, admin on %s (pid %d)", s.listen, s.admin_listen, os.getpid())
     verifier = await start_verifier(settings, telemetry, utc_now, stores.more_jobs)  # §12
     freeze_startup_objects()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     if reload is not None:
         loop.add_signal_handler(
             signal.SIGHUP, _reloader(app[ROUTING], app[PIPELINE], reload, s.shutdown_timeout_s)

@@ -68,7 +68,9 @@ def run_workers(count: int, worker: Callable[[int], int]) -> int:
         index = children.pop(pid)
         code = os.waitstatus_to_exitcode(status)
         if stopping:
-            failed |= code != 0
+            # Killed by the SIGTERM forwarded to it: it was still starting (the worker's own
+            # handler, which drains, is installed before it listens), so nothing was lost.
+            failed |= code not in (0, -signal.SIGTERM)
             continue
         log.error("worker %d (pid %d) exited with %d; restarting it", index, pid, code)
         wait = RESTART_BACKOFF_S - (time.monotonic() - last_start.get(index, 0.0))

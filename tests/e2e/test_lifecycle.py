@@ -248,3 +248,22 @@ async def test_a_reload_renaming_the_upstream_mid_request_does_not_fail_the_requ
         assert reloads == 2 and list(routing.pools) == ["render-v2"]
     finally:
         await routing.close()
+
+
+async def test_a_stop_while_a_replacement_worker_starts_still_exits_cleanly(
+    echo: Echo, tmp_path: Path
+) -> None:
+    """SIGTERM reaching a worker that is still starting (here: just forked to replace a killed
+    one) is a stop like any other, not a death by the signal's default action: exit 0."""
+    proxy = start_proxy(_config(tmp_path, echo), args=("--workers", "2"))
+    try:
+        parent = psutil.Process(proxy.proc.pid)
+        await eventually(5, lambda: _workers(parent, 2))
+        victim = parent.children()[0]
+        victim.kill()
+        await eventually(5, lambda: _replaced(parent, victim.pid))
+        proxy.proc.send_signal(signal.SIGTERM)  # at once: the replacement is still starting
+        assert proxy.proc.wait(20) == 0
+    finally:
+        output = proxy.output()
+    assert "Traceback" not in output
