@@ -137,8 +137,18 @@ async def test_http_file_verified_then_served_and_allowed(
     )
     expires = datetime.fromisoformat(str(added["expires_at"]))
     assert abs(expires - (datetime.now(UTC) + timedelta(days=7))) < timedelta(minutes=1)
-    tenant = await db.fetchrow("SELECT * FROM identity.tenants WHERE id = $1", ACME)
-    assert (tenant["custom_domain"], tenant["domain_verified"]) == (domain, False)
+    # The verifier checks at once (§12) and may pass before this read: `add` sets the tenant's
+    # domain, and its domain_verified only ever moves with the row's verified, in one
+    # transaction (one snapshot here).
+    tenant = await db.fetchrow(
+        """SELECT t.custom_domain, t.domain_verified, v.verified FROM identity.tenants t
+           JOIN identity.tenant_domain_verifications v ON v.tenant_id = t.id
+           WHERE t.id = $1 AND v.id = $2::uuid""",
+        ACME,
+        added["id"],
+    )
+    assert tenant["custom_domain"] == domain
+    assert tenant["domain_verified"] == tenant["verified"]
 
     async def verified() -> bool:
         return bool((await _row(db, added["id"]))["verified"])

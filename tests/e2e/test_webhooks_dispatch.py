@@ -435,9 +435,17 @@ async def test_metrics_spans_and_one_log_line_per_attempt(
         async with dispatching(migrated_dsn, retry_schedule_s=(0.1,), **jobs_args):
             event_id = await publish(db, tenant, data={"customer_email": "x@example.com"})
 
-            # The figures, not the row: the row commits before the dispatcher counts it.
+            # The figures, not the row: the row commits before the dispatcher counts it. The
+            # deployment-wide gauges come from the figures job's own query, which races the
+            # attempts: wait for it too.
             success = 'edge_webhook_attempts_total{outcome="success"} 1.0'
-            await within(5, holds(lambda: success in telemetry.exposition().decode()))
+            figured = "edge_webhooks_disabled 1.0"
+            await within(
+                5,
+                holds(
+                    lambda: {success, figured} <= set(telemetry.exposition().decode().split("\n"))
+                ),
+            )
             text = telemetry.exposition().decode()
     assert 'edge_webhook_attempts_total{outcome="success"} 1.0' in text
     assert 'edge_webhook_attempts_total{outcome="http_error"} 1.0' in text
