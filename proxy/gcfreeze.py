@@ -1,56 +1,30 @@
-"""Keep long-lived cache entries out of the cyclic collector's walks: freeze after bulk loads.
+"""Keep long-lived objects out of the cyclic collector's walks: freeze once, before they churn.
 
 A full collection walks every tracked object the process holds, so with the identity caches
-full (100,000 tenants and 200,000 key prefixes: about 4 tracked objects each) one took 570-950
+full (100,000 tenants and 200,000 key prefixes: about 4 tracked objects each) one took 400-950
 ms on this machine, a pause for every request in flight. ``gc.freeze()`` (Python >= 3.7) moves
-every object tracked so far into a permanent generation that collections skip. Start-up does it
-once (``app.freeze_startup_objects``); entries loaded later are new objects, so the caches call
-``grew`` for each one they store, and every ``every`` stores the process collects what is not
-frozen yet (the entries stored since the last freeze and the requests in flight: a short walk)
-and freezes the rest. Measured with the caches above filled this way: the longest full collection
-fell to under a millisecond (loadtests/bench_scale.py measures it on a running proxy).
+every object tracked so far into a permanent generation that collections never look at again.
 
-Collecting first means no garbage cycle is ever frozen (a frozen cycle would never be freed).
-A frozen entry that is evicted or replaced later is still freed: by its reference count, like
-every cache entry (they hold no cycles).
+That is only safe for objects that stay alive, or that refcounting alone frees (no cycles): a
+frozen object in a reference cycle is never freed once it dies. Whatever is alive at a freeze
+is frozen, requests in flight included (tasks, coroutines, protocols, transports: cycles), so
+the process freezes at two moments only, never while serving in steady state: at start-up
+(``app.freeze_startup_objects``) and once when the first name preload has filled the caches
+(``stores.identity``). Entries stored later (loads, refreshes, negative entries, the preload
+after a reconnection) stay tracked and are collected as usual. A frozen cache entry that is
+evicted or replaced later is still freed by its reference count (entries hold no cycles).
+What a freeze catches in flight is one moment's worth, twice per process (and ``/readyz``
+answers 503 until the preload is done, so little traffic is in flight then): it does not grow
+with traffic.
+
+Collecting first means no garbage cycle is ever frozen.
 """
 
 from __future__ import annotations
 
-import asyncio
 import gc
-from collections.abc import Callable
-
-FREEZE_EVERY_STORES = 2_000
 
 
-class GrowthFreezer:
-    def __init__(
-        self,
-        every: int = FREEZE_EVERY_STORES,
-        *,
-        collect: Callable[[], object] = gc.collect,
-        freeze: Callable[[], None] = gc.freeze,
-    ) -> None:
-        self._every = every
-        self._collect = collect
-        self._freeze = freeze
-        self._pending = 0
-        self._scheduled = False
-        self.freezes = 0
-
-    def grew(self) -> None:
-        """One more long-lived object graph (a cache entry) was stored."""
-        self._pending += 1
-        if self._pending >= self._every and not self._scheduled:
-            self._scheduled = True
-            # Soon, not now: the entry's caller is mid-request; the freeze runs between two
-            # callbacks of the loop, as a collection triggered by an allocation would.
-            asyncio.get_running_loop().call_soon(self.freeze_now)
-
-    def freeze_now(self) -> None:
-        self._scheduled = False
-        self._pending = 0
-        self._collect()
-        self._freeze()
-        self.freezes += 1
+def freeze_long_lived() -> None:
+    gc.collect()
+    gc.freeze()

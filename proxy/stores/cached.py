@@ -16,8 +16,9 @@ refresh in the background, and invalidation that cannot be undone by a racing lo
   waits for its load. Freshness does not rest on the TTL: NOTIFY evicts changed rows at once.
   Refresh ahead: each entry's background refresh starts at its own random age, 75-100% of the
   TTL, so entries loaded together do not all refresh (or expire) together.
-- Every store calls ``on_store`` (``proxy.gcfreeze``: entries are long-lived objects, frozen out
-  of the cyclic collector's walks in batches).
+- Entries stored in bulk (``prime``: a preload) each get their own lifetime, between half and
+  all of ``ttl + stale_if_error``: a preloaded entry that sees no traffic is dropped at its own
+  moment, not together with every other one loaded in the same second (a burst of misses).
 - ``invalidate`` bumps a generation counter: a load that started before the invalidation still
   answers its waiters but is not stored, so a NOTIFY can never be overwritten by older data;
   and it is detached, so a caller arriving after the invalidation starts a fresh load.
@@ -55,6 +56,9 @@ REFRESH_BACKOFF_CAP_S = 30.0
 # new tenants) then refresh spread over a quarter of the TTL instead of all at once; freshness
 # itself rests on NOTIFY, the TTL only bounds what a missed notification can cost.
 REFRESH_AHEAD_SHARE = 0.25
+# A primed entry lives (1 - PRIMED_LIFETIME_SPREAD * jitter) x (ttl + stale_if_error): never
+# longer than a loaded one, so stale answers stay within the stale-if-error window (RFC 5861).
+PRIMED_LIFETIME_SPREAD = 0.5
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:
@@ -67,7 +71,8 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
 class _Entry(Generic[V]):
     value: V
     loaded_at: float
-    fresh_for: float  # its own lifetime: refreshed ahead of the TTL, at a jittered age
+    fresh_for: float  # refreshed ahead of the TTL, at a jittered age
+    expires_at: float  # dropped then (or when the TTLCache's own TTL ends, if earlier)
     failures: int = 0  # background refreshes failed in a row
     retry_at: float = 0.0  # no background refresh before this
 
@@ -84,17 +89,15 @@ class LoadingCache(Generic[K, V]):
         is_miss: Callable[[V], bool] = operator.not_,
         clock: Callable[[], float] = time.monotonic,
         jitter: Callable[[], float] = random.random,
-        on_store: Callable[[], None] = lambda: None,
         lifetime_jitter: Callable[[], float] = random.random,
     ) -> None:
         self._load = load
-        self._on_store = on_store  # proxy.gcfreeze: entries are long-lived objects
         self._ttl = ttl_s
         self._is_miss = is_miss
         self._clock = clock
         self._jitter = jitter
         self._lifetime_jitter = lifetime_jitter
-        keep = ttl_s + stale_if_error_s
+        keep = self._keep = ttl_s + stale_if_error_s
         self._hits: TTLCache[K, _Entry[V]] = TTLCache(maxsize=maxsize, ttl=keep, timer=clock)
         self._misses: TTLCache[K, _Entry[V]] = TTLCache(maxsize=miss_maxsize, ttl=keep, timer=clock)
         self._inflight: dict[K, asyncio.Future[V]] = {}
@@ -107,7 +110,12 @@ class LoadingCache(Generic[K, V]):
 
     def _find(self, key: K) -> _Entry[V] | None:
         entry = self._hits.get(key)
-        return entry if entry is not None else self._misses.get(key)
+        if entry is None:
+            return self._misses.get(key)
+        if self._clock() < entry.expires_at:
+            return entry
+        del self._hits[key]  # a primed entry past its own, shorter, lifetime
+        return None
 
     def cached(self, key: K) -> V | Missing:
         """``get``'s answer when it needs no waiting (an entry, fresh or stale: a stale one
@@ -171,14 +179,15 @@ class LoadingCache(Generic[K, V]):
             if self._inflight.get(key) is fut:
                 del self._inflight[key]
 
-    def _store(self, key: K, value: V) -> None:
+    def _store(self, key: K, value: V, lifetime: float | None = None) -> None:
         keep, drop = (
             (self._misses, self._hits) if self._is_miss(value) else (self._hits, self._misses)
         )
         drop.pop(key, None)
         fresh_for = self._ttl * (1 - REFRESH_AHEAD_SHARE * self._lifetime_jitter())
-        keep[key] = _Entry(value, self._clock(), fresh_for)
-        self._on_store()
+        lifetime = self._keep if lifetime is None else lifetime
+        now = self._clock()
+        keep[key] = _Entry(value, now, fresh_for, now + lifetime)
 
     def _back_off(self, key: K, generation: int) -> None:
         entry = self._find(key)
@@ -194,8 +203,10 @@ class LoadingCache(Generic[K, V]):
         )
 
     def prime(self, key: K, value: V) -> None:
-        """Store a value loaded elsewhere (a bulk preload), as a load would have."""
-        self._store(key, value)
+        """Store a value loaded elsewhere (a bulk preload), as a load would have, with a
+        lifetime of its own."""
+        spread = 1 - PRIMED_LIFETIME_SPREAD * self._lifetime_jitter()
+        self._store(key, value, self._keep * spread)
 
     def peek(self, key: K) -> V | None:
         """The cached value, fresh or stale, without loading (None also when absent)."""

@@ -23,7 +23,7 @@ from proxy.background import Once
 from proxy.core.apikeys import ApiKey
 from proxy.core.backoff import backoff_s
 from proxy.core.tenancy import Tenant
-from proxy.gcfreeze import GrowthFreezer
+from proxy.gcfreeze import freeze_long_lived
 from proxy.stores.base import Missing, TenantKind
 from proxy.stores.cached import LoadingCache
 from proxy.stores.miss_budget import BudgetedLoads
@@ -62,7 +62,8 @@ class CachedIdentityStore:
         # never a preload that died silently leaving /readyz at 503.
         self.preload = Once("preload", self._preload)
         self.budgeted = BudgetedLoads(max_miss_lookups_per_s, timeout_s, max_known=max_entries)
-        self.freezer = GrowthFreezer()
+        # proxy.gcfreeze: the first preload's entries are frozen once it completes, nothing after.
+        self.freeze: Callable[[], None] | None = freeze_long_lived
 
         def cache(
             load: Callable[[_K], Awaitable[_V]], maxsize: int = max_entries
@@ -73,7 +74,6 @@ class CachedIdentityStore:
                 stale_if_error_s=stale_if_error_s,
                 maxsize=maxsize,
                 miss_maxsize=MAX_MISS_ENTRIES,
-                on_store=self.freezer.grew,
             )
 
         # A preload stores each tenant under its slug, its id and its domain.
@@ -217,7 +217,9 @@ class CachedIdentityStore:
         else:
             self.index.complete = True
             log.info("preload: %d names in %.1f s", n, time.monotonic() - started)
-        self.freezer.freeze_now()
+        if self.freeze is not None:
+            freeze, self.freeze = self.freeze, None
+            freeze()
         self.preloaded.set()
 
     async def ready(self) -> bool:

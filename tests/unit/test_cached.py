@@ -435,3 +435,48 @@ async def test_entries_are_refreshed_ahead_of_their_ttl_at_spread_ages() -> None
     assert loader.calls == ["a", "b", "a"]
     assert cache.stale_served == 0  # within the TTL, a refresh ahead is no stale answer
     assert cache.peek("b") == "v1"
+
+
+async def test_primed_entries_expire_each_at_its_own_moment_within_the_stale_window() -> None:
+    clock = Clock()
+    draws = itertools.cycle([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    cache: LoadingCache[str, str | None] = LoadingCache(
+        Loader({"loaded": "L"}),
+        ttl_s=TTL,
+        stale_if_error_s=STALE,
+        clock=clock,
+        lifetime_jitter=lambda: next(draws),
+    )
+    keep = TTL + STALE
+    primed = [f"p{i}" for i in range(30)]
+    for key in primed:
+        cache.prime(key, key.upper())
+    assert await cache.get("loaded") == "L"
+
+    def alive() -> int:
+        return sum(cache.peek(key) is not None for key in primed)
+
+    clock.now += keep / 2 - 0.001
+    assert alive() == 30  # none before half the window
+    clock.now += keep / 4
+    assert 0 < alive() < 30  # some gone, some kept: spread, not all at one moment
+    clock.now += keep / 4 + 0.001
+    assert alive() == 0  # none past ttl + stale_if_error: stale answers stay in the window
+    assert cache.peek("loaded") is None
+
+
+async def test_a_loaded_entry_keeps_the_whole_window_however_its_lifetime_is_drawn() -> None:
+    clock = Clock()
+    cache: LoadingCache[str, str | None] = LoadingCache(
+        Loader({"a": "A"}),
+        ttl_s=TTL,
+        stale_if_error_s=STALE,
+        clock=clock,
+        lifetime_jitter=lambda: 1.0,
+    )
+    assert await cache.get("a") == "A"
+    clock.now += TTL + STALE - 0.001
+    assert cache.peek("a") == "A"
+    cache.prime("b", "B")
+    clock.now += (TTL + STALE) / 2
+    assert cache.peek("b") is None  # primed with the largest draw: half the window
