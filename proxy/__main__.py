@@ -150,6 +150,17 @@ def _validated(config: str | None) -> Settings:
     return settings
 
 
+def _check_workers(settings: Settings, workers: int) -> None:
+    """Each worker keeps its own quota counts without Redis: a metered route would then admit
+    a tenant's quota once per worker."""
+    metered = any(route.meter == "renders" for route in settings.routes)
+    if workers > 1 and settings.redis_url is None and metered:
+        raise ConfigError(
+            f'--workers {workers}: a metered route (meter = "renders") needs REDIS_URL'
+            " to count the quota exactly across processes"
+        )
+
+
 def _serve(args: argparse.Namespace) -> int:
     from proxy.app import build_stores, serve
     from proxy.supervisor import run_workers
@@ -158,16 +169,13 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ConfigError(f"--workers: must be at least 1, got {args.workers}")
 
-    def load() -> Settings:
-        return _with_overrides(load_settings(os.environ, args.config), args)
+    def load() -> Settings:  # at each SIGHUP: refused (ConfigError) like a bad start-up
+        fresh = _with_overrides(load_settings(os.environ, args.config), args)
+        _check_workers(fresh, args.workers)
+        return fresh
 
     settings = _with_overrides(_validated(args.config), args)
-    metered = any(route.meter == "renders" for route in settings.routes)
-    if args.workers > 1 and settings.redis_url is None and metered:
-        raise ConfigError(
-            f'--workers {args.workers}: a metered route (meter = "renders") needs REDIS_URL'
-            " to count the quota exactly across processes"
-        )
+    _check_workers(settings, args.workers)
     _check_bindable(settings)
 
     def worker(workers: WorkerSet | None = None) -> int:

@@ -192,11 +192,20 @@ class ConnectionGate:
     def _expire(self) -> None:
         """Close the connections whose head deadline has passed; runs while any is open."""
         self._sweep = None
-        now = asyncio.get_running_loop().time()
-        for connection in [c for c in self.connections if c.head_deadline <= now]:
-            connection.head_expired()
-        if self.connections:
-            self._schedule()
+        try:
+            now = asyncio.get_running_loop().time()
+            for connection in [c for c in self.connections if c.head_deadline <= now]:
+                # One connection's failure must not spare the others their deadline.
+                try:
+                    connection.head_expired()
+                except Exception:
+                    log.exception("closing a connection at its head deadline failed")
+                    connection.head_deadline = _NONE  # not retried at every sweep
+        finally:
+            # Without a next sweep no connection on this listener has a head deadline any
+            # more (slowloris protection gone), whatever happened above.
+            if self.connections:
+                self._schedule()
 
 
 _QUOTED_TAIL = re.compile(r""":\s*(?:b?['"]|bytearray\().*$""")

@@ -149,6 +149,12 @@ class Telemetry:
             ["upstream", "kind"],
             registry=self.registry,
         )
+        self._finisher_failures = Counter(
+            "edge_request_finisher_failures",
+            "Request bookkeeping steps that raised (logged; the request's other steps still ran)",
+            ["finisher"],
+            registry=self.registry,
+        )
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._webhook_attempts = Counter(
             "edge_webhook_attempts",
@@ -214,6 +220,10 @@ class Telemetry:
 
     def upstream_error(self, upstream: str, kind: str) -> None:
         self._upstream_errors.labels(upstream, kind).inc()
+
+    def finisher_failed(self, finisher: str) -> None:
+        """``finisher``: ``quota`` (the render quota's settlement) or ``audit`` (the row)."""
+        self._finisher_failures.labels(finisher).inc()
 
     def webhook_outcomes(self, outcomes: Iterable[str]) -> None:
         """Expose each outcome's attempt count at zero before its first attempt: a series that

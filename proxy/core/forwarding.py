@@ -256,6 +256,16 @@ _VARIANT = "89ab"
 new_request_id = _fresh_ids().__next__
 
 
+def _reset_request_ids() -> None:
+    """A forked child (``serve --workers``) inherits the parent's buffer of ids not yet
+    used: without a fresh one, every worker would hand out the same ids (RFC 9562 §6.9)."""
+    global new_request_id
+    new_request_id = _fresh_ids().__next__
+
+
+os.register_at_fork(after_in_child=_reset_request_ids)
+
+
 def request_id(received: str | None) -> str:
     """The client's ``X-Request-Id`` if it is a UUID (canonical lower-case), else a new one."""
     if received is not None and len(received) == 36 and _UUID.fullmatch(received):

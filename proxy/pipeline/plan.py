@@ -23,6 +23,7 @@ refusal spends no token (§13), and settles once the answer is known, before the
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -53,13 +54,16 @@ from proxy.upstreams import Routing, RoutingSnapshot
 Step = Callable[[web.Request, RequestContext], Awaitable[None]]
 Finish = Callable[[RequestContext], None]
 
+log = logging.getLogger("proxy.plan")
+
 
 @dataclass(frozen=True, slots=True)
 class RoutePlan:
     route: RouteSettings
     audited: bool
     steps: tuple[Step, ...]  # between audit and forwarding, in contract order
-    finishers: tuple[Finish, ...]  # once the answer is known, before the audit row
+    # Once the answer is known, before the audit row; each named for the failures metric.
+    finishers: tuple[tuple[str, Finish], ...]
 
     @property
     def prefix(self) -> str:  # what RouteTable matches on
@@ -88,11 +92,11 @@ class Planner:
 
     def plan(self, route: RouteSettings) -> RoutePlan:
         steps: list[Step] = []
-        finishers: list[Finish] = []
+        finishers: list[tuple[str, Finish]] = []
         steps.append(self._auth if route.auth != "none" else self._open)
         if route.meter is not None:  # before the rate limit: a refusal spends no token (§13)
             steps.append(self._quota.step)
-            finishers.append(self._quota.finish)
+            finishers.append(("quota", self._quota.finish))
         if limits_apply(route, self._ratelimit_settings):
             steps.append(self._ratelimit)
         audited = route.audit and self._audited
@@ -159,14 +163,26 @@ class Pipeline:
                 status = ClientClosedRequest.status
                 raise
             finally:
+                # What follows runs for every request however each part fares: one row per
+                # request (§9), its metrics and its access-log line.
                 plan = ctx.plan
                 if plan is not None:
-                    for finish_stage in plan.finishers:
-                        finish_stage(ctx)
+                    for name, finish_stage in plan.finishers:
+                        try:
+                            finish_stage(ctx)
+                        except Exception:
+                            self._finish_failed(name, ctx)
                 if ctx.audited_at is not None and self._audit is not None:
-                    self._audit.finish(request, ctx, status)
+                    try:
+                        self._audit.finish(request, ctx, status)
+                    except Exception:
+                        self._finish_failed("audit", ctx)
                 elapsed = loop.time() - ctx.started
                 finish(request, ctx, status, sent, elapsed, self._telemetry, self._access)
+
+    def _finish_failed(self, name: str, ctx: RequestContext) -> None:
+        log.exception("finishing request_id=%s failed in %s", ctx.request_id, name)
+        self._telemetry.finisher_failed(name)
 
     async def _run(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
         if UNSERVED_VERSION in request:

@@ -183,6 +183,33 @@ async def test_sighup_picks_up_a_new_route_without_dropping_requests(
     assert "Traceback" not in output
 
 
+async def test_a_reload_adding_a_metered_route_to_workers_without_redis_is_refused(
+    echo: Echo, tmp_path: Path
+) -> None:
+    """Without Redis each worker counts the quota alone: a metered route under --workers 2
+    would admit a tenant's quota twice, so a reload bringing one is refused as a start-up is."""
+    proxy = start_proxy(_config(tmp_path, echo), args=("--workers", "2"))
+    assert proxy.log is not None
+    log = proxy.log
+
+    async def logged(text: str, n: int) -> bool:
+        return log.read_text(errors="replace").count(text) >= n
+
+    try:
+        await eventually(10, lambda: logged("listening on", 2))  # both handle SIGHUP now
+        metered = {"prefix": "/metered", "upstream": "render-api", "auth": "none"}
+        _config(tmp_path, echo, {**metered, "audit": True, "meter": "renders"})
+        proxy.proc.send_signal(signal.SIGHUP)
+        await eventually(10, lambda: logged("reload refused", 2))  # by each worker
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+            statuses = {await status(s, proxy, f"/metered/{i}") for i in range(10)}
+        assert statuses == {404}  # the running configuration stays, in both workers
+    finally:
+        output = proxy.output()
+    assert 'a metered route (meter = "renders") needs REDIS_URL' in output
+    assert "reloaded" not in output and "Traceback" not in output
+
+
 async def _is(http: aiohttp.ClientSession, proxy: Proxy, path: str, want: int) -> bool:
     return await status(http, proxy, path) == want
 

@@ -12,11 +12,15 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import PIPELINE, build_app, build_stores
 from proxy.audit.record import AuditRecord
+from proxy.context import RequestContext
 from proxy.errors import UpstreamTimeout
+from proxy.pipeline.quota import QuotaStage
 from proxy.settings import load_settings
+from proxy.telemetry import Telemetry
 from tests.procs import ACME_ID, write_config
 
 HOST = "videos.acme.test"
@@ -72,3 +76,48 @@ async def test_the_row_says_what_the_client_was_answered(
     assert (response.status, body["error"]["code"]) == (status, code)
     [row] = sink.rows
     assert (row.status_code, row.error_message, row.tenant_id) == (status, code, ACME_ID)
+
+
+async def test_a_failing_finisher_leaves_the_row_the_metrics_and_the_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A step that raises once the answer is known (here the quota's settlement) is logged
+    and counted; the request still gets its audit row (§9), its metrics and its answer."""
+
+    def broken(_self: QuotaStage, _ctx: RequestContext) -> None:
+        raise RuntimeError("settlement failed")
+
+    monkeypatch.setattr(QuotaStage, "finish", broken)
+    config = write_config(
+        tmp_path / "edge.toml",
+        upstreams={"render-api": {"urls": ["http://127.0.0.1:9"]}},
+        routes=[
+            {"prefix": "/", "upstream": "render-api", "auth": "none", "audit": True}
+            | {"meter": "renders"}
+        ],
+        sections={"telemetry": {"access_log": False}},
+    )
+    settings = load_settings({}, str(config))
+    sink = ListSink()
+    telemetry = Telemetry(settings.telemetry)
+    app = build_app(
+        settings, dataclasses.replace(build_stores(settings), audit=sink), telemetry=telemetry
+    )
+
+    async def answered(_request: web.Request) -> web.StreamResponse:
+        return web.Response(text="rendered")
+
+    app[PIPELINE].forward = answered
+    async with TestClient(TestServer(app)) as client:
+        response = await client.post("/v1/renders", headers={"Host": HOST})
+        assert (response.status, await response.text()) == (200, "rendered")
+    [row] = sink.rows
+    assert row.status_code == 200
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(telemetry.exposition().decode())
+        for s in family.samples
+    }
+    assert samples[("edge_requests_total", (("route", "/"), ("status_class", "2xx")))] == 1
+    assert samples[("edge_request_finisher_failures_total", (("finisher", "quota"),))] == 1
+    assert "settlement failed" in caplog.text

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -463,6 +465,29 @@ def test_request_id_replaces_anything_else(received: str | None) -> None:
 
 def test_fresh_request_ids_differ() -> None:
     assert len({request_id(None) for _ in range(50)}) == 50
+
+
+# A forked child (serve --workers) must not hand out the ids left in the parent's buffer. The
+# fork happens in a fresh interpreter, not in the test process (which runs threads).
+_FORKED_IDS = """
+import os
+from proxy.core.forwarding import request_id
+request_id(None)  # the buffer is filled, ids remain in it
+read, write = os.pipe()
+if os.fork() == 0:
+    os.write(write, request_id(None).encode())
+    os._exit(0)
+os.wait()
+print(os.read(read, 36).decode(), request_id(None))
+"""
+
+
+def test_a_forked_child_draws_request_ids_of_its_own() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _FORKED_IDS], capture_output=True, text=True, timeout=30, check=True
+    )
+    child, parent = out.stdout.split()
+    assert child != parent
 
 
 @settings(max_examples=200, deadline=None)

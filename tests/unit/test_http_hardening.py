@@ -201,3 +201,23 @@ async def test_the_head_deadline_sweep_expires_only_passed_deadlines() -> None:
         gate.forget(c)  # type: ignore[arg-type]
     gate._expire()
     assert gate._sweep is None  # none open: no timer at all
+
+
+class _Failing(_Waiting):
+    def head_expired(self) -> None:
+        raise RuntimeError("transport gone")
+
+
+async def test_a_failing_expiry_spares_no_other_connection_and_the_sweep_goes_on() -> None:
+    gate = ConnectionGate(
+        header_timeout_s=2, max_connections=5, max_headers=1, max_line_size=1, max_field_size=1
+    )
+    now = asyncio.get_running_loop().time()
+    broken, late = _Failing(now - 1), _Waiting(now - 1)
+    for c in (broken, late):
+        gate.watch(c)  # type: ignore[arg-type]
+    gate._expire()
+    assert late.expired
+    assert gate._sweep is not None  # the next sweep is scheduled all the same
+    assert broken.head_deadline == float("inf")  # not expired again at every sweep
+    gate._sweep.cancel()

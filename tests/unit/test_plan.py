@@ -60,7 +60,7 @@ def test_a_metered_audited_route_runs_every_stage_in_contract_order() -> None:
     route = RouteSettings(prefix="/v1/renders", upstream="u", audit=True, meter="renders")
     plan = planner().plan(route)
     assert plan.steps == (auth, QUOTA.step, ratelimit)  # the quota before the limiter (§13)
-    assert plan.finishers == (QUOTA.finish,) and plan.audited
+    assert plan.finishers == (("quota", QUOTA.finish),) and plan.audited
 
 
 def test_anonymous_limits_put_the_limiter_on_open_routes() -> None:
