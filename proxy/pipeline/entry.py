@@ -111,13 +111,23 @@ def finish(
             span.set_attribute("flatrender.limiter", ctx.limit_decision)
 
 
+class CountedStream(web.StreamResponse):
+    """A streamed answer whose writer adds up the body bytes it writes in ``body_sent``:
+    aiohttp's own figure (``body_length``) counts the head and any chunk framing too."""
+
+    body_sent = 0
+
+
 def body_bytes(method: str, response: web.StreamResponse) -> int:
-    """Body bytes sent (nginx's ``$body_bytes_sent``). A streamed answer has been written by
-    now; a ``web.Response`` is written after the handler returns, so its body's length is the
-    figure (none for HEAD, RFC 9110 §9.3.2)."""
+    """Body bytes sent (nginx's ``$body_bytes_sent``), the same figure whichever way the
+    answer goes out. A streamed answer has been written by now; a ``web.Response`` is written
+    after the handler returns, so its body's length is the figure (none for HEAD, RFC 9110
+    §9.3.2)."""
+    if isinstance(response, CountedStream):
+        return response.body_sent
     body = response.body if isinstance(response, web.Response) else None
-    if isinstance(body, bytes) and method != "HEAD":
-        return len(body)
+    if isinstance(body, bytes):
+        return 0 if method == "HEAD" else len(body)
     return response.body_length
 
 

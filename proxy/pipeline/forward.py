@@ -48,7 +48,7 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from proxy.pipeline.entry import send_continue, stamp_response
+from proxy.pipeline.entry import CountedStream, send_continue, stamp_response
 from proxy.pipeline.websocket import is_websocket_upgrade, relay_websocket
 from proxy.telemetry import Telemetry
 from proxy.upstreams import UpstreamPool
@@ -342,6 +342,7 @@ class Forwarder:
             await response.prepare(request)
             if first:
                 await response.write(first)  # the head goes out with it
+                response.body_sent = len(first)
             else:
                 request.writer.send_headers()  # nothing yet: the head alone, at once
             chunks = content.iter_any()
@@ -356,6 +357,7 @@ class Forwarder:
                 except StopAsyncIteration:
                     break
                 await response.write(chunk)
+                response.body_sent += len(chunk)
         except ConnectionError:
             # The client went away before its answer was complete: 499 (CONTRACT §7), not an
             # error of ours. aiohttp says so with ConnectionResetError, or, when it happens
@@ -388,7 +390,7 @@ WHOLE_BODY_MAX = 64 * 1024
 _NO_BODY = frozenset({100, 101, 102, 103, 204, 304})
 
 
-class _Streamed(web.StreamResponse):
+class _Streamed(CountedStream):
     """A streamed answer whose head waits for the first body write and goes out with it (one
     write, as ``web.Response`` does), instead of alone at ``prepare``. aiohttp (3.11+) reads
     this class attribute in ``StreamResponse._write_headers``; ``_relay`` sends the head at

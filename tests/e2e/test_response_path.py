@@ -16,8 +16,10 @@ from aiohttp.http_writer import StreamWriter
 from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web_protocol import RequestHandler
 
+from proxy.access_log import AccessLog
 from proxy.app import build_app, build_stores
 from proxy.settings import load_settings
+from tests.e2e.support import within
 from tests.procs import Echo, Proxy, write_config
 
 HOST = "videos.acme.test"
@@ -108,3 +110,44 @@ async def test_a_large_answer_is_streamed_whole(
     body = await r.read()
     assert r.status == 200 and len(body) == size and r.headers["X-Request-Id"]
     assert len(server_writes) > 1
+
+
+@pytest.fixture
+def logged_bytes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """``bytes_sent`` of each access-log line written in this process."""
+    sent: list[int] = []
+    record = AccessLog.record
+
+    def spy(self: AccessLog, ctx: Any, method: str, status: int, s: float, n: int) -> None:
+        sent.append(n)
+        record(self, ctx, method, status, s, n)
+
+    monkeypatch.setattr(AccessLog, "record", spy)
+    return sent
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "expected"),
+    [
+        ("GET", "/public/stream?bytes=1000&length=1", 1000),  # whole: one web.Response
+        ("GET", "/public/stream?bytes=200000&length=1", 200_000),  # streamed, Content-Length
+        ("GET", "/public/stream?bytes=200000", 200_000),  # streamed, chunked
+        ("HEAD", "/public/stream?bytes=1000&length=1", 0),  # RFC 9110 §9.3.2
+        ("HEAD", "/public/x", 0),
+        ("GET", "/public/status?code=204", 0),
+        ("GET", "/public/status?code=304", 0),
+    ],
+)
+async def test_bytes_sent_counts_the_body_alone_whichever_path_it_takes(
+    client: TestClient[Any, Any], logged_bytes: list[int], method: str, path: str, expected: int
+) -> None:
+    """nginx's $body_bytes_sent: the head (and chunk framing) not counted, so the same answer
+    logs the same figure sent whole or streamed."""
+    r = await client.request(method, path, headers={"Host": HOST})
+    assert len(await r.read()) == (expected if method == "GET" else 0)
+
+    async def logged() -> bool:  # the handler finishes once its last write is done
+        return bool(logged_bytes)
+
+    await within(5, logged)
+    assert logged_bytes == [expected]
