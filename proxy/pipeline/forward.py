@@ -204,7 +204,12 @@ class Forwarder:
             if edge is not None:
                 edge.cancel_on_departure(task)
             try:
-                return await self._forward(request, ctx, pool, target, headers, span, edge)
+                response = await self._forward(request, ctx, pool, target, headers, span, edge)
+                if edge is not None and edge.departed and isinstance(response, web.Response):
+                    # A whole answer is written only after the handler returns: to a client
+                    # gone by now it is never delivered, and its row says 499 (CONTRACT §7).
+                    raise ClientClosedRequest()
+                return response
             except (UpstreamUnavailable, UpstreamTimeout, UpstreamBusy) as e:
                 self._telemetry.upstream_error(pool.name, e.code)
                 raise
