@@ -174,7 +174,13 @@ def world(
             },
             {"prefix": "/public", "upstream": "render-api", "auth": "none", "audit": True},
         ],
-        sections={"audit": {"flush_interval_ms": 50, "spool_dir": str(tmp / "spool")}},
+        sections={
+            "audit": {
+                "flush_interval_ms": 50,
+                "usage_flush_interval_s": 0.05,
+                "spool_dir": str(tmp / "spool"),
+            }
+        },
     )
     proxy = start_proxy(config, env={"DATABASE_URL": dsn, "REDIS_URL": redis.url})
     try:
