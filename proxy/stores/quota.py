@@ -27,6 +27,7 @@ from datetime import date, datetime
 from functools import partial
 from typing import Any
 
+from proxy.background import RecoveryProbe
 from proxy.core.quota import (
     admits,
     first_day,
@@ -37,7 +38,6 @@ from proxy.core.quota import (
     remaining,
 )
 from proxy.errors import ProxyError, RateLimiterUnavailable, TenantStoreUnavailable
-from proxy.stores.breaker import RedisBreaker
 from proxy.stores.redis import ScriptClient
 
 log = logging.getLogger("proxy.quota")
@@ -267,11 +267,7 @@ class MemoryQuotaStore:
         pass
 
 
-class RedisQuotaStore(RedisBreaker):
-    _log = log
-    _what = "the render quota"
-    _open_as = "admits each process's share"
-
+class RedisQuotaStore:
     def __init__(
         self,
         client: ScriptClient,
@@ -287,11 +283,18 @@ class RedisQuotaStore(RedisBreaker):
         self._client = client
         self._cluster = cluster
         self._deadline = deadline_s
+        self._fail_open = failure_mode == "open"
         self._instances = expected_instances
         self._lease_ms = lease_s * 1000
         self._lease_s = lease_s
-        self._init_breaker(
-            "redis-quota-probe", failure_mode, probe_interval_s, self._ping_and_replay, client.reset
+        self._open = False
+        self._closing = False
+        self._probe = RecoveryProbe(
+            "redis-quota-probe",
+            probe_interval_s,
+            self._ping_and_replay,
+            recovered=self._recovered,
+            failed=client.reset,
         )
         self._inflight: set[asyncio.Future[Any]] = set()
         self._pending: list[_Op] = []
@@ -306,6 +309,13 @@ class RedisQuotaStore(RedisBreaker):
         self._unsettled: dict[int, tuple[str, list[str], list[int]]] = {}
         self.counters = QuotaCounters()
         self._rebuilds = _Rebuilds(rebuild, self.counters)
+
+    @property
+    def healthy(self) -> bool:
+        return not self._open
+
+    async def ready(self) -> bool:
+        return self._fail_open or not self._open
 
     async def start(self) -> None:
         try:
@@ -513,16 +523,29 @@ class RedisQuotaStore(RedisBreaker):
 
         reply.add_done_callback(done)
 
-    def _on_trip(self) -> None:
+    def _trip(self, error: BaseException) -> None:
+        if self._open:
+            return
+        self._open = True
         self._outage_used.clear()
+        if self._closing:
+            return
+        log.error(
+            "redis unavailable (%s): the render quota %s",
+            type(error).__name__,
+            "admits each process's share" if self._fail_open else "refuses requests (503)",
+        )
+        self._probe.start()
 
     async def _ping_and_replay(self) -> None:
         async with asyncio.timeout(self._deadline):
             await self._client.ping()
         await self._replay()
 
-    def _on_recovery(self) -> None:
+    def _recovered(self) -> None:
+        self._open = False
         self._outage_used.clear()
+        log.warning("redis answers again: exact render quota resumed")
 
     async def _replay(self) -> None:
         """Send again the settlements Redis may not have applied, and add the units kept
@@ -539,7 +562,8 @@ class RedisQuotaStore(RedisBreaker):
                 self._unsettled.pop(rid, None)
 
     async def close(self) -> None:
-        await self._stop_breaker()
+        self._closing = True
+        await self._probe.stop()
         if self._pending:
             self._flush()
         if self._inflight:

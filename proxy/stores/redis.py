@@ -39,9 +39,9 @@ from urllib.parse import urlsplit
 
 from cachetools import TLRUCache
 
+from proxy.background import RecoveryProbe
 from proxy.core.bucket import Decision, decide, seconds_until_token
 from proxy.errors import RateLimiterUnavailable
-from proxy.stores.breaker import RedisBreaker
 from proxy.stores.buckets import MemoryBucketStore
 from proxy.stores.resp import PipelinedRedis, RespError, parse_url
 
@@ -147,11 +147,7 @@ class ScriptClient(Protocol):
     async def aclose(self) -> None: ...
 
 
-class RedisBucketStore(RedisBreaker):
-    _log = log
-    _what = "rate limiting"
-    _open_as = "from in-process buckets"
-
+class RedisBucketStore:
     def __init__(
         self,
         client: ScriptClient,
@@ -167,6 +163,7 @@ class RedisBucketStore(RedisBreaker):
         self._client = client
         self._cluster = cluster
         self._deadline = deadline_s
+        self._fail_open = failure_mode == "open"
         self._divisor = expected_instances
         self._clock = clock
         self._fallback = MemoryBucketStore(clock=clock)
@@ -180,8 +177,14 @@ class RedisBucketStore(RedisBreaker):
         self._limited: TLRUCache[str, tuple[float, float, int, float]] = TLRUCache(
             maxsize=max_limited, ttu=_until, timer=clock
         )
-        self._init_breaker(
-            "redis-limiter-probe", failure_mode, probe_interval_s, self._ping, client.reset
+        self._open = False
+        self._closing = False
+        self._probe = RecoveryProbe(
+            "redis-limiter-probe",
+            probe_interval_s,
+            self._ping,
+            recovered=self._recovered,
+            failed=client.reset,
         )
         self._inflight: set[asyncio.Future[Any]] = set()
         self.commands_sent = 0
@@ -194,6 +197,14 @@ class RedisBucketStore(RedisBreaker):
     def shortcut_entries(self) -> int:
         """Buckets known to be over their limit and answered locally for now."""
         return len(self._limited)
+
+    @property
+    def healthy(self) -> bool:
+        return not self._open
+
+    async def ready(self) -> bool:
+        """Fail-open is a degraded mode that covers an outage; fail-closed is not."""
+        return self._fail_open or not self._open
 
     async def start(self) -> None:
         """Warm up before the first request: a cold cluster client must first fetch the slot
@@ -320,12 +331,30 @@ class RedisBucketStore(RedisBreaker):
                 except RateLimiterUnavailable as err:
                     c.future.set_exception(err)
 
+    def _trip(self, error: BaseException) -> None:
+        if self._open:
+            return
+        self._open = True
+        if self._closing:  # no probe outlives close()
+            return
+        log.error(
+            "redis unavailable (%s): rate limiting %s",
+            type(error).__name__,
+            "from in-process buckets" if self._fail_open else "refuses requests (503)",
+        )
+        self._probe.start()
+
     async def _ping(self) -> None:
         async with asyncio.timeout(self._deadline):
             await self._client.ping()
 
+    def _recovered(self) -> None:
+        self._open = False
+        log.warning("redis answers again: exact rate limiting resumed")
+
     async def close(self) -> None:
-        await self._stop_breaker()
+        self._closing = True
+        await self._probe.stop()
         if self._inflight:
             await asyncio.wait(list(self._inflight), timeout=self._deadline)
         with contextlib.suppress(Exception):
